@@ -1,0 +1,1 @@
+"""logitkit benchmark and accuracy harness (run through the ``logitkit`` command: ``bench``, ``accuracy``)."""

@@ -1,0 +1,77 @@
+"""Backend choice: explicit argument > ``use_backend`` context > automatic.
+
+Nothing is read at import time; ``LOGITKIT_BACKEND`` (if set) is read lazily, once per call of
+:func:`get_backend` when no context manager is active.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from collections.abc import Iterator
+
+BACKENDS = ("auto", "reference", "triton")
+
+_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("logitkit_backend", default=None)
+
+
+def _check_name(name: object) -> str:
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def get_backend() -> str:
+    """The backend in force: the innermost ``use_backend`` block, else ``$LOGITKIT_BACKEND``, else 'auto'."""
+    name = _backend.get()
+    if name is not None:
+        return name
+    env = os.environ.get("LOGITKIT_BACKEND")
+    return _check_name(env) if env else "auto"
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[str]:
+    """Select the implementation inside a ``with`` block.
+
+    ``'auto'``: Triton kernels for CUDA tensors when Triton is importable, the reference path otherwise.
+    ``'reference'``: the plain-PyTorch path everywhere.
+    ``'triton'``: the kernels, also for CPU tensors when ``TRITON_INTERPRET=1`` (tests use this).
+    """
+    token = _backend.set(_check_name(name))
+    try:
+        yield name
+    finally:
+        _backend.reset(token)
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def wants_triton(device_type: str, backend: str | None = None) -> bool:
+    """Whether an op on a tensor of ``device_type`` goes to the Triton kernels.
+
+    Raises ``RuntimeError`` when 'triton' is forced but cannot run there.
+    """
+    backend = get_backend() if backend is None else _check_name(backend)
+    if backend == "reference":
+        return False
+    if backend == "auto":
+        return device_type == "cuda" and triton_available()
+    if not triton_available():
+        raise RuntimeError("use_backend('triton') needs the 'triton' package (pip install logitkit[triton])")
+    if device_type != "cuda" and not interpreter_enabled():
+        raise RuntimeError(
+            f"use_backend('triton') on a {device_type} tensor needs TRITON_INTERPRET=1 (Triton's interpreter)"
+        )
+    return True

@@ -1,0 +1,124 @@
+"""The ``logitkit`` command: ``accuracy`` (errors in ulps against the oracle) and ``bench`` (time, memory).
+
+The measuring code lives in the source checkout's ``benchmarks/`` folder (harness, named shapes, providers);
+this module only parses arguments, runs it, and prints and writes the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+_OPS = ("softmax", "log_softmax", "logsumexp", "cross_entropy")
+
+
+def _import_benchmarks(name: str):
+    """Import ``benchmarks.<name>`` from the checkout this package sits in (``src/logitkit`` -> repo root)."""
+    root = Path(__file__).resolve().parents[2]
+    if (root / "benchmarks" / "harness.py").is_file():
+        if str(root) not in sys.path:
+            sys.path.insert(0, str(root))
+    try:
+        return importlib.import_module(f"benchmarks.{name}")
+    except ImportError as exc:
+        raise SystemExit(f"logitkit: the 'benchmarks' folder of a source checkout is needed ({exc})") from exc
+
+
+def _default_json(kind: str, device: str) -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    root = Path(__file__).resolve().parents[2]
+    return str(root / "benchmarks" / "results" / f"{kind}-{device}-{stamp}.json")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="logitkit", description="Accurate softmax, log-softmax and "
+                                     "cross-entropy: accuracy report and benchmarks.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{accuracy,bench}")
+
+    acc = sub.add_parser("accuracy", help="max and p99.9 error in ulps per op, input family and dtype")
+    acc.add_argument("--quick", action="store_true", help="few rows, V in {8, 1024, 32768}: under a minute")
+    acc.add_argument("--json", nargs="?", const="", metavar="PATH",
+                     help="write every row as JSON (no PATH: benchmarks/results/accuracy-cpu-<date>.json)")
+    acc.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of the errors")
+    acc.add_argument("--seed", type=int, default=0, help="seed of the input families (default 0)")
+
+    bench = sub.add_parser("bench", help="median time and peak memory against torch and peers")
+    bench.add_argument("--quick", action="store_true", help="tiny shapes: under a minute (CI)")
+    bench.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+    bench.add_argument("--json", nargs="?", const="", metavar="PATH",
+                       help="write every row as JSON (no PATH: benchmarks/results/bench-<device>-<date>.json)")
+    bench.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of the medians")
+    bench.add_argument("--op", nargs="+", choices=_OPS, help="only these ops")
+    bench.add_argument("--shape", nargs="+", metavar="NAME", help="only these named shapes (benchmarks/shapes.py)")
+    bench.add_argument("--provider", nargs="+", metavar="NAME",
+                       help="only these providers (benchmarks/providers.py; torch is kept for the ratio)")
+    return parser
+
+
+def _accuracy(args, console) -> int:
+    accuracy = _import_benchmarks("accuracy")
+    harness = _import_benchmarks("harness")
+    payload = accuracy.run(quick=args.quick, console=console, seed=args.seed)
+    console.print(accuracy.table(payload))
+    console.print("headline: " + accuracy.headline_text(payload["headline"]), highlight=False)
+    failed = [e for e in payload["summary"] if not e["pass"]]
+    if args.json is not None:
+        path = args.json or _default_json("accuracy", "cpu")
+        harness.write_json(path, payload)
+        console.print(f"wrote {path}")
+    if args.plot:
+        accuracy.plot(payload, args.plot)
+        console.print(f"wrote {args.plot}")
+    if failed:
+        console.print(f"[red]logitkit misses its target in {len(failed)} of {len(payload['summary'])} "
+                      "op/dtype/family cells[/]")
+        return 1
+    console.print(f"[green]logitkit meets every target ({len(payload['summary'])} op/dtype/family cells)[/]")
+    return 0
+
+
+def _bench(args, console) -> int:
+    import torch
+
+    bench = _import_benchmarks("bench")
+    harness = _import_benchmarks("harness")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        console.print("[red]--device cuda: no CUDA device is available[/]")
+        return 2
+    providers = None if args.provider is None else tuple(dict.fromkeys(["torch", *args.provider]))
+    try:
+        payload = bench.run(device=device, quick=args.quick, ops=None if args.op is None else tuple(args.op),
+                            shape_names=None if args.shape is None else tuple(args.shape),
+                            provider_names=providers, console=console)
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/]")
+        return 2
+    console.print(bench.table(payload))
+    for row in payload["rows"]:
+        if row["provider"] == "logitkit" and row["ratio_vs_torch"] is not None:
+            console.print(f"ratio {row['shape']} {row['op']} {row['mode']}: logitkit/torch = "
+                          f"{row['ratio_vs_torch']:.2f}", highlight=False)
+    if args.json is not None:
+        path = args.json or _default_json("bench", device)
+        harness.write_json(path, payload)
+        console.print(f"wrote {path}")
+    if args.plot:
+        bench.plot(payload, args.plot)
+        console.print(f"wrote {args.plot}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+
+    args = build_parser().parse_args(argv)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 160))  # piped or in CI: do not wrap the tables at 80 columns
+    if args.command == "accuracy":
+        return _accuracy(args, console)
+    return _bench(args, console)

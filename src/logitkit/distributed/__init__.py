@@ -1,0 +1,1 @@
+"""Vocab-parallel variants over torch.distributed process groups."""

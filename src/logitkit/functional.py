@@ -1,0 +1,192 @@
+"""The public API: torch.nn.functional's names, argument order and defaults; extensions keyword-only.
+
+Each function validates (``_validate``), picks the backend (``_config``) and calls one autograd.Function.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _config
+from . import _validate as check
+from .autograd.losses import (
+    CrossEntropyFunction,
+    CrossEntropyProbFunction,
+    EntropyFunction,
+    SelectiveLogSoftmaxFunction,
+    loss_dtype,
+)
+from .autograd.softmax import LogsumexpFunction, SoftmaxFunction
+
+__all__ = [
+    "softmax",
+    "log_softmax",
+    "logsumexp",
+    "cross_entropy",
+    "nll_loss",
+    "selective_log_softmax",
+    "entropy",
+]
+
+
+def _normalize(name: str, input, dim, stacklevel: int, dtype, mask, log: bool) -> Tensor:
+    check.tensor("input", input)
+    if dim is None:
+        dim = check.implicit_softmax_dim(name, input.dim(), stacklevel + 1)
+    x = check.float_input("input", input, dtype)
+    d = check.dim(dim, x.dim())
+    m = check.mask(mask, x)
+    use_triton = _config.wants_triton(x.device.type)
+    if x.dim() == 0:  # a single entry: softmax 1, log_softmax 0 (or NaN/-inf/... per the table)
+        m1 = None if m is None else m.reshape(1)
+        return SoftmaxFunction.apply(x.reshape(1), 0, m1, log, use_triton).reshape(())
+    return SoftmaxFunction.apply(x, d, m, log, use_triton)
+
+
+def softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: torch.dtype | None = None,
+            *, mask: Tensor | None = None) -> Tensor:
+    """Softmax along ``dim``, as ``torch.nn.functional.softmax``.
+
+    ``mask`` (keyword-only, boolean, broadcastable to ``input``): ``False`` entries are excluded; a row with
+    nothing left gives zeros (and zero gradients) instead of NaN.
+    """
+    return _normalize("softmax", input, dim, _stacklevel, dtype, mask, log=False)
+
+
+def log_softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: torch.dtype | None = None,
+                *, mask: Tensor | None = None) -> Tensor:
+    """Log-softmax along ``dim`` as ``x - max - log1p(rest)``, exact for confident rows; see ``softmax``."""
+    return _normalize("log_softmax", input, dim, _stacklevel, dtype, mask, log=True)
+
+
+def logsumexp(input: Tensor, dim, keepdim: bool = False, *, mask: Tensor | None = None) -> Tensor:
+    """``log(sum(exp(input)))`` over ``dim`` (an int or a tuple of ints), as ``torch.logsumexp``.
+
+    Accumulates in float32 or wider (70,000 fp16 zeros give 11.16, not inf). Integer inputs are cast to the
+    default float dtype, as torch does.
+    """
+    check.tensor("input", input)
+    x = input if input.dtype.is_floating_point else input.to(torch.get_default_dtype())
+    dims = check.dims(dim, x.dim()) if not (isinstance(dim, (tuple, list)) and len(dim) == 0) else tuple(
+        range(x.dim())
+    )
+    m = check.mask(mask, x)
+    use_triton = _config.wants_triton(x.device.type)
+    if x.dim() == 0:
+        m1 = None if m is None else m.reshape(1)
+        return LogsumexpFunction.apply(x.reshape(1), 0, m1, use_triton).reshape(())
+    if len(dims) == 1:
+        (d,) = dims
+        out = LogsumexpFunction.apply(x, d, m, use_triton)
+        return out if keepdim else out.squeeze(d)
+    # Several dims: move them last and flatten them into one reduced dimension.
+    kept = [i for i in range(x.dim()) if i not in dims]
+    perm = kept + list(dims)
+    xr = x.permute(perm).reshape(*[x.shape[i] for i in kept], -1)
+    mr = None if m is None else m.permute(perm).reshape(xr.shape)
+    out = LogsumexpFunction.apply(xr, xr.dim() - 1, mr, use_triton).squeeze(-1)
+    if keepdim:
+        for d in sorted(dims):
+            out = out.unsqueeze(d)
+    return out
+
+
+def _loss_common(input: Tensor, target: Tensor, weight, size_average, reduce, reduction):
+    check.tensor("input", input)
+    check.tensor("target", target)
+    x = check.float_input("input", input, None)
+    cdim = check.loss_input("input", x)
+    C = x.shape[cdim]
+    w = check.class_weight(weight, C, x)
+    red = check.reduction(reduction, size_average, reduce)
+    return x, cdim, C, w, red
+
+
+def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, size_average=None,
+                  ignore_index: int = -100, reduce=None, reduction: str = "mean", label_smoothing: float = 0.0,
+                  *, z_loss: float = 0.0, softcap: float | None = None) -> Tensor:
+    """Cross-entropy from logits, as ``torch.nn.functional.cross_entropy``.
+
+    ``input`` is (C,), (N, C) or (N, C, d1, ...); ``target`` holds class indices (shape without C) or class
+    probabilities (the input's shape). Loss ``lse - x[target]`` with ``lse = max + log1p(rest)``: a
+    confident row's loss is 2e-9, not 0, and its gradient sums to zero.
+
+    Returns float32 for float16/bfloat16 inputs (the one documented deviation from torch); the gradient
+    comes back in the input's dtype. Extensions: ``z_loss`` adds ``z_loss * lse**2`` per counted row
+    (reduced like the loss); ``softcap`` maps logits to ``softcap * tanh(logits / softcap)`` first.
+    """
+    x, cdim, C, w, red = _loss_common(input, target, weight, size_average, reduce, reduction)
+    eps = check.label_smoothing(label_smoothing)
+    z = check.nonneg_float("z_loss", z_loss)
+    cap = check.softcap(softcap)
+    if C == 0:
+        raise ValueError("input must have at least one class (C >= 1)")
+    xv = x.movedim(cdim, -1)
+    if target.dtype.is_floating_point:
+        check.prob_target(x, target)
+        loss, _ = CrossEntropyProbFunction.apply(xv, target.movedim(cdim, -1), w, red, eps, z, cap)
+        return loss
+    check.integer_target(target)
+    check.class_target_shape(x, target, cdim)
+    check.target_range(target, C, ignore_index)
+    loss, _ = CrossEntropyFunction.apply(xv, target.long(), w, ignore_index, red, eps, z, cap)
+    return loss
+
+
+def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, size_average=None,
+             ignore_index: int = -100, reduce=None, reduction: str = "mean") -> Tensor:
+    """Negative log-likelihood on log-probabilities, as ``torch.nn.functional.nll_loss``.
+
+    ``-weight[t] * input[t]`` per row; the mean divides by the sum of the counted rows' weights (NaN when
+    every row is ignored, as torch). Returns float32 for float16/bfloat16 inputs.
+    """
+    x, cdim, C, w, red = _loss_common(input, target, weight, size_average, reduce, reduction)
+    check.integer_target(target)
+    check.class_target_shape(x, target, cdim)
+    check.target_range(target, C, ignore_index)
+    wd = loss_dtype(x.dtype)
+    xv = x.movedim(cdim, -1)
+    t = target.long()
+    valid = t != ignore_index
+    t_safe = torch.where(valid, t, torch.zeros_like(t))
+    picked = xv.gather(-1, t_safe.unsqueeze(-1)).squeeze(-1).to(wd)
+    w_t = w.to(wd)[t_safe] if w is not None else torch.ones(t.shape, dtype=wd, device=x.device)
+    w_t = torch.where(valid, w_t, torch.zeros_like(w_t))
+    rows = torch.where(valid, -w_t * picked, torch.zeros_like(picked))
+    if red == "none":
+        return rows
+    if red == "sum":
+        return rows.sum()
+    return rows.sum() / w_t.sum()
+
+
+def selective_log_softmax(input: Tensor, index: Tensor, dim: int = -1) -> Tensor:
+    """``log_softmax(input, dim).gather(dim, index)`` without materialising the full log-softmax.
+
+    The RL "log-probability of the chosen tokens" op; differentiable in ``input``; same dtype as ``input``.
+    """
+    check.tensor("input", input)
+    x = check.float_input("input", input, None)
+    if x.dim() == 0:
+        raise ValueError("input must have at least 1 dimension")
+    d = check.dim(dim, x.dim())
+    idx = check.index_tensor(x, index, d)
+    if x.shape[d] == 0:
+        return torch.empty(idx.shape, dtype=x.dtype, device=x.device)
+    out = SelectiveLogSoftmaxFunction.apply(x.movedim(d, -1), idx.long().movedim(d, -1))
+    return out.movedim(-1, d)
+
+
+def entropy(input: Tensor, dim: int = -1) -> Tensor:
+    """Shannon entropy (nats) of ``softmax(input, dim)``, from logits, as ``L + sum p |x - max|``.
+
+    Both terms are non-negative, so nothing cancels. Returns float32 for float16/bfloat16 inputs.
+    """
+    check.tensor("input", input)
+    x = check.float_input("input", input, None)
+    if x.dim() == 0:
+        return torch.zeros((), dtype=loss_dtype(x.dtype), device=x.device) + 0.0 * x
+    d = check.dim(dim, x.dim())
+    return EntropyFunction.apply(x.movedim(d, -1))
+

@@ -1,0 +1,1 @@
+"""Reference implementations: the plain-PyTorch path (plain, losses) and the float64/mpmath oracle."""

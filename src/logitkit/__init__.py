@@ -6,8 +6,11 @@ Nothing runs at import: no device queries, no environment reads.
 from . import functional, nn
 from ._config import get_backend, use_backend
 from .functional import (
+    LinearCrossEntropyStats,
     cross_entropy,
     entropy,
+    linear_cross_entropy,
+    linear_cross_entropy_with_stats,
     log_softmax,
     logsumexp,
     nll_loss,
@@ -25,6 +28,9 @@ __all__ = [
     "nll_loss",
     "selective_log_softmax",
     "entropy",
+    "linear_cross_entropy",
+    "linear_cross_entropy_with_stats",
+    "LinearCrossEntropyStats",
     "use_backend",
     "get_backend",
     "functional",

@@ -190,3 +190,8 @@ def entropy(input: Tensor, dim: int = -1) -> Tensor:
     d = check.dim(dim, x.dim())
     return EntropyFunction.apply(x.movedim(d, -1))
 
+
+
+from ._linear import LinearCrossEntropyStats, linear_cross_entropy, linear_cross_entropy_with_stats  # noqa: E402
+
+__all__ += ["linear_cross_entropy", "linear_cross_entropy_with_stats", "LinearCrossEntropyStats"]

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from . import functional as F
 
-__all__ = ["Softmax", "LogSoftmax", "CrossEntropyLoss", "NLLLoss"]
+__all__ = ["Softmax", "LogSoftmax", "CrossEntropyLoss", "NLLLoss", "LinearCrossEntropyLoss"]
 
 
 class Softmax(torch.nn.Module):
@@ -79,3 +79,40 @@ class NLLLoss(_WeightedLoss):
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return F.nll_loss(input, target, weight=self.weight, ignore_index=self.ignore_index,
                           reduction=self.reduction)
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """As torch 2.13's ``torch.nn.LinearCrossEntropyLoss``: owns ``self.linear`` (no bias by default) and
+    computes ``cross_entropy(self.linear(input), target)`` without materialising the logits.
+
+    Keyword-only extensions ``z_loss`` and ``softcap`` as ``logitkit.cross_entropy``.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, *, out_features: tuple[int, ...] = (),
+                 bias: bool = False, device=None, dtype=None, reduction: str = "mean",
+                 weight: Tensor | None = None, ignore_index: int | None = None, label_smoothing: float = 0.0,
+                 options=None, z_loss: float = 0.0, softcap: float | None = None) -> None:
+        super().__init__()
+        self.in_features, self.num_classes = in_features, num_classes
+        self.out_features = tuple(out_features)
+        n_out = num_classes
+        for d in self.out_features:
+            n_out *= d
+        self.linear = torch.nn.Linear(in_features, n_out, bias=bias, device=device, dtype=dtype)
+        self.reduction = reduction
+        self.register_buffer("weight", weight)
+        self.weight: Tensor | None
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.options = options
+        self.z_loss = z_loss
+        self.softcap = softcap
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        shape = (self.num_classes, *self.out_features)
+        w = self.linear.weight.reshape(*shape, self.in_features)
+        b = None if self.linear.bias is None else self.linear.bias.reshape(shape)
+        return F.linear_cross_entropy(input, w, target, linear_bias=b, weight=self.weight,
+                                      reduction=self.reduction, ignore_index=self.ignore_index,
+                                      label_smoothing=self.label_smoothing, options=self.options,
+                                      z_loss=self.z_loss, softcap=self.softcap)

@@ -18,7 +18,8 @@ from torch import Tensor
 from .plain import as_rows, d_full, iter_row_blocks, lse_of, row_stats, working_dtype
 
 
-def _capped(x2: Tensor, softcap: float | None) -> Tensor:
+def capped(x2: Tensor, softcap: float | None) -> Tensor:
+    """softcap * tanh(x / softcap) in working precision (x itself when softcap is None)."""
     if softcap is None:
         return x2
     wd = working_dtype(x2.dtype)
@@ -47,7 +48,7 @@ def ce_rows(
     W = w.sum() if w is not None else float(C)
     eps = label_smoothing
     for sl in iter_row_blocks(lead, C):
-        x2 = _capped(as_rows(xv[sl]), softcap)
+        x2 = capped(as_rows(xv[sl]), softcap)
         t = target[sl].reshape(-1, 1)
         valid = t != ignore_index
         t_safe = torch.where(valid, t, torch.zeros_like(t))
@@ -94,7 +95,7 @@ def ce_grad(
     eps = label_smoothing
     for sl in iter_row_blocks(lead, C):
         xr = as_rows(xv[sl])
-        x2 = _capped(xr, softcap)
+        x2 = capped(xr, softcap)
         t = target[sl].reshape(-1, 1)
         g2 = g[sl].reshape(-1, 1).to(wd)
         valid = t != ignore_index
@@ -118,7 +119,7 @@ def ce_grad(
             at_t = at_t - (eps / C) * (w[t_safe] if w is not None else 1.0)
         res = p.mul_(c1)
         if eps > 0.0:
-            res = res - (eps / C) * (w if w is not None else 1.0) * valid
+            res = res - (eps / C) * (w if w is not None else 1.0) * valid.to(wd)
         res.scatter_(1, t_safe, torch.where(valid, at_t, res.gather(1, t_safe)))
         res.mul_(g2)
         if softcap is not None:
@@ -144,7 +145,7 @@ def ce_prob_rows(
     lse = torch.empty(lead, dtype=wd, device=xv.device)
     w = weight.to(wd) if weight is not None else None
     for sl in iter_row_blocks(lead, C):
-        x2 = _capped(as_rows(xv[sl]), softcap)
+        x2 = capped(as_rows(xv[sl]), softcap)
         y = _smoothed(as_rows(target[sl]).to(wd), label_smoothing, C)
         wy = y * w if w is not None else y
         s = row_stats(x2, None, False)
@@ -183,7 +184,7 @@ def ce_prob_grad(
         return dx, dy
     w = weight.to(wd) if weight is not None else None
     for sl in iter_row_blocks(lead, C):
-        x2 = _capped(as_rows(xv[sl]), softcap)
+        x2 = capped(as_rows(xv[sl]), softcap)
         g2 = g[sl].reshape(-1, 1).to(wd)
         y = _smoothed(as_rows(target[sl]).to(wd), label_smoothing, C)
         wy = y * w if w is not None else y

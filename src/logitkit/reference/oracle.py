@@ -144,22 +144,31 @@ def _mp_rows(x: Tensor, fn) -> Tensor:
     return torch.tensor(rows, dtype=_F64).reshape(x.shape[0], -1)
 
 
-def _mp_lse(row):
+def _mp_rest_log(row):
+    """(a, log1p(rest)): the rest sum leaves out one exp(0) = 1, so a rest below 2**-200 survives."""
     import mpmath
 
-    return mpmath.log(mpmath.fsum(mpmath.exp(v) for v in row))
+    a = max(row)
+    i = row.index(a)
+    rest = mpmath.fsum(mpmath.exp(v - a) for j, v in enumerate(row) if j != i)
+    return a, mpmath.log1p(rest)
+
+
+def _mp_lse(row):
+    a, lg = _mp_rest_log(row)
+    return a + lg
 
 
 def _mp_log_softmax(row):
-    lse = _mp_lse(row)
-    return [v - lse for v in row]
+    a, lg = _mp_rest_log(row)
+    return [(v - a) - lg for v in row]
 
 
 def _mp_softmax(row):
     import mpmath
 
-    lse = _mp_lse(row)
-    return [mpmath.exp(v - lse) for v in row]
+    a, lg = _mp_rest_log(row)
+    return [mpmath.exp((v - a) - lg) for v in row]
 
 
 def _normalised(x: Tensor, dim: int, log: bool, mask: Tensor | None, exact: bool) -> Tensor:
@@ -427,8 +436,8 @@ def cross_entropy_bwd(
 ) -> Tensor:
     """d loss / d input in float64, shaped like ``input``.
 
-    Per row with q the effective target distribution and S = sum q: dx_i = p_i S - q_i, evaluated as
-    -S (1 - p_i) + (S - q_i), where 1 - p_i = r / (1 + r) at the max (never 1 - p_i, which cancels).
+    Per row with q the effective target distribution and S = sum q: dx_i = p_i S - q_i; at the max entries
+    (p_i near 1) it is evaluated as -S r / (1 + r) + (S - q_i), never via 1 - p_i, which cancels.
     """
     if grad_output is None:
         grad_output = torch.ones((), dtype=_F64)
@@ -437,7 +446,6 @@ def cross_entropy_bwd(
     cd = _class_dim(x64)
     _, d, e, r, _ = _stats(xl)
     p = e / (1.0 + r)
-    one_minus_p = torch.where(d == 0, r / (1.0 + r), 1.0 - p)
     S = q.sum(-1, keepdim=True)
     if idx is None:
         s_minus_q = S - q
@@ -448,7 +456,8 @@ def cross_entropy_bwd(
         s_minus_q = (1 - eps) * wt.unsqueeze(-1) * (1 - onehot)
         if eps > 0:
             s_minus_q = s_minus_q + (eps / C) * (w.sum() - w) * v
-    dx = -S * one_minus_p + s_minus_q
+    # At a max entry p_i S - q_i cancels: use -S (1 - p_i) + (S - q_i) with 1 - p_i = r / (1 + r) there.
+    dx = torch.where(d == 0, -S * (r / (1.0 + r)) + s_minus_q, p * S - q)
     scale = _grad_scale(grad_output, denom, reduction, xl.shape[:-1]).unsqueeze(-1)
     return (dx * scale).movedim(-1, cd)
 
@@ -508,7 +517,7 @@ def ulp(y: Tensor, dtype: torch.dtype) -> Tensor:
     _, e = torch.frexp(torch.where(torch.isfinite(y), y, torch.zeros_like(y)))
     sp = torch.ldexp(torch.full_like(y, fi.eps), (e - 1).to(torch.int64))
     min_sp = fi.smallest_normal * fi.eps
-    return sp.clamp_min(min_sp)
+    return torch.where(y == 0, torch.full_like(sp, min_sp), sp.clamp_min(min_sp))
 
 
 def _special_mismatch(ours: Tensor, truth: Tensor) -> tuple[Tensor, Tensor]:

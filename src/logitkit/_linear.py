@@ -1,0 +1,138 @@
+"""Public linear_cross_entropy (torch 2.13's F.linear_cross_entropy signature) and its stats sibling.
+
+Kept apart from functional.py so the two files stay small; functional re-exports both.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import _validate as check
+from .autograd.linear_cross_entropy import LinearCrossEntropyFunction, make_opts, token_chunk
+from .reference.plain import working_dtype
+
+
+class LinearCrossEntropyStats(NamedTuple):
+    """Loss (reduced as asked) with per-token fp32 log-sum-exp and entropy of the predicted distribution."""
+
+    loss: Tensor
+    lse: Tensor
+    entropy: Tensor
+
+
+def _run(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, options,
+         z_loss, softcap, entropy):
+    check.tensor("input", input)
+    check.tensor("linear_weight", linear_weight)
+    check.tensor("target", target)
+    x = check.float_input("input", input, None)
+    if x.dim() < 1:
+        raise ValueError("input must have shape (..., D) with at least one dimension, got a 0-d tensor")
+    if linear_weight.dim() < 2:
+        raise ValueError(f"linear_weight must have shape (V, D), got {tuple(linear_weight.shape)}")
+    D = x.shape[-1]
+    if linear_weight.shape[-1] != D:
+        raise ValueError(
+            f"linear_weight's last dimension ({linear_weight.shape[-1]}) must equal input's last dimension ({D})"
+        )
+    if linear_weight.dtype != x.dtype:
+        raise TypeError(f"linear_weight dtype {linear_weight.dtype} must match input dtype {x.dtype}")
+    V = linear_weight.shape[0]
+    out_features = tuple(linear_weight.shape[1:-1])
+    if linear_bias is not None:
+        check.tensor("linear_bias", linear_bias)
+        if tuple(linear_bias.shape) != (V, *out_features):
+            raise ValueError(f"linear_bias must have shape {(V, *out_features)}, got {tuple(linear_bias.shape)}")
+        if linear_bias.dtype != x.dtype:
+            raise TypeError(f"linear_bias dtype {linear_bias.dtype} must match input dtype {x.dtype}")
+    red = check.reduction(reduction, None, None)
+    eps = check.label_smoothing(label_smoothing)
+    z = check.nonneg_float("z_loss", z_loss)
+    cap = check.softcap(softcap)
+    w = check.class_weight(weight, V, x)
+    lead = tuple(x.shape[:-1])
+    logits_shape = (*lead, V, *out_features)
+    prob = target.dtype.is_floating_point
+    if prob and tuple(target.shape) != logits_shape:
+        raise ValueError(
+            f"a floating-point target holds class probabilities and must have shape {logits_shape}, "
+            f"got {tuple(target.shape)}"
+        )
+    if prob and ignore_index is not None:
+        raise ValueError("ignore_index cannot be specified when target contains class probabilities")
+    ii = -100 if ignore_index is None else ignore_index
+    if out_features:
+        # K-dimensional loss: (V, d1, ..., D) weights. As torch, this takes the unfused path.
+        if not lead:
+            raise ValueError("a K-dimensional linear_weight (V, d1, ..., D) needs batched input (N, D)")
+        from .functional import cross_entropy
+
+        b = None if linear_bias is None else linear_bias.reshape(-1)
+        logits = torch.nn.functional.linear(x, linear_weight.reshape(-1, D), b).reshape(logits_shape)
+        if entropy:
+            raise ValueError("linear_cross_entropy_with_stats supports (V, D) weights only")
+        return cross_entropy(logits, target, w, ignore_index=ii, reduction=red, label_smoothing=eps, z_loss=z,
+                             softcap=cap), None, None
+    if not prob:
+        check.integer_target(target)
+        if tuple(target.shape) != lead:
+            raise ValueError(
+                f"target of shape {tuple(target.shape)} must hold class indices of shape {lead} (input without D)"
+            )
+        check.target_range(target, V, ii)
+    elif target.requires_grad:
+        raise ValueError("linear_cross_entropy does not differentiate with respect to probability targets")
+    for name, t in (("linear_weight", linear_weight), ("target", target), ("linear_bias", linear_bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but input is on {x.device}")
+    requested = None
+    if options is not None:
+        requested = getattr(options, "batch_chunk_size", None)
+        if getattr(options, "acc_policy", "auto") != "auto" or getattr(options, "acc_dtype", None) is not None:
+            warnings.warn(
+                "logitkit.linear_cross_entropy always accumulates in float32; options.acc_policy and "
+                "options.acc_dtype do not apply (only options.batch_chunk_size is used)",
+                stacklevel=3,
+            )
+    M = x.numel() // max(D, 1)
+    x2 = x.reshape(M, D)
+    t2 = target.reshape(M, V) if prob else target.reshape(M).long()
+    o = make_opts(w, ii, red, eps, z, cap, token_chunk(M, V, requested), prob, entropy)
+    loss, lse, ent = LinearCrossEntropyFunction.apply(x2, linear_weight, linear_bias, t2, o)
+    if red == "none":
+        loss = loss.reshape(lead)
+    out_dtype = working_dtype(x.dtype)
+    return loss.to(out_dtype), lse.reshape(lead).to(out_dtype), ent.reshape(lead).to(out_dtype) if entropy else None
+
+
+def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Tensor | None = None,
+                         weight: Tensor | None = None, reduction: str = "mean", ignore_index: int | None = None,
+                         label_smoothing: float = 0.0, options=None, z_loss: float = 0.0,
+                         softcap: float | None = None) -> Tensor:
+    """``cross_entropy(linear(input, linear_weight, linear_bias), target, ...)`` without the (M, V) logits.
+
+    Signature, defaults and semantics of torch 2.13's ``torch.nn.functional.linear_cross_entropy``
+    (``ignore_index=None`` means -100 for class indices); ``input`` may have any number of leading dims
+    ``(..., D)``; ``linear_weight`` is ``(V, D)``. Tokens are processed in chunks (``options.batch_chunk_size``
+    when given), so peak extra memory is one chunk of logits, not M * V. ``reduction='none'`` gives per-token
+    ``-log p(target)``. Returns float32 for half inputs. Extensions: ``z_loss``, ``softcap`` (as
+    ``cross_entropy``).
+    """
+    loss, _, _ = _run(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing,
+                      options, z_loss, softcap, entropy=False)
+    return loss
+
+
+def linear_cross_entropy_with_stats(input: Tensor, linear_weight: Tensor, target: Tensor, *,
+                                    linear_bias: Tensor | None = None, weight: Tensor | None = None,
+                                    reduction: str = "mean", ignore_index: int | None = None,
+                                    label_smoothing: float = 0.0, options=None, z_loss: float = 0.0,
+                                    softcap: float | None = None) -> LinearCrossEntropyStats:
+    """As ``linear_cross_entropy``, also returning per-token fp32 ``lse`` and ``entropy`` (not differentiable)."""
+    loss, lse, ent = _run(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                          label_smoothing, options, z_loss, softcap, entropy=True)
+    return LinearCrossEntropyStats(loss, lse, ent)

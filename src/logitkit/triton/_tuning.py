@@ -1,0 +1,127 @@
+"""Block and warp tables for every kernel: the one place with tuning numbers (STYLE.md).
+
+Each section is owned by one op family; append a new ``# <op>`` section rather than editing another one.
+Nothing here queries a device at import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import torch
+import triton
+
+# softmax ---------------------------------------------------------------------------------------------------
+# Regimes of the softmax / log_softmax / logsumexp kernels (triton/softmax.py), chosen per (rows R, length N):
+#   "row":   the whole row in registers, BLOCK_M rows per program, x read once.
+#   "loop":  BLOCK_M rows per program, an online (max, rest-sum) pass over BLOCK_N chunks, then an output pass.
+#   "split": too few row blocks to fill the device: each row is cut into SPLIT segments, one program per
+#            (row block, segment) writes a partial state; a second launch combines and writes its segment.
+
+SOFTMAX_REGIMES = ("row", "loop", "split")
+
+# Largest register tile (elements) per program for the whole-row regime, by input element size in bytes.
+SOFTMAX_ROW_TILE = {2: 16384, 4: 8192, 8: 4096}
+# Chunk length of the looped / split passes (a power of two), by element size.
+SOFTMAX_CHUNK = {2: 4096, 4: 2048, 8: 1024}
+# A non-last softmax dim has stride > 1 along the row: take at least this many neighbouring rows per program
+# so that loads along the contiguous (row) axis coalesce.
+SOFTMAX_STRIDED_MIN_ROWS = 16
+# Target number of programs in flight per streaming multiprocessor before the split regime kicks in.
+SOFTMAX_PROGRAMS_PER_SM = 4
+# A split segment is at least this many chunks long (fewer segments, cheaper combine).
+SOFTMAX_MIN_SEGMENT_CHUNKS = 2
+SOFTMAX_MAX_SPLIT = 256
+# Programs assumed to fill the device when it is not a CUDA device (the interpreter).
+SOFTMAX_CPU_PROGRAMS = 8
+
+
+class SoftmaxConfig(NamedTuple):
+    regime: str  # one of SOFTMAX_REGIMES
+    BLOCK_M: int  # rows per program
+    BLOCK_N: int  # columns per tile (the whole padded row in the "row" regime)
+    split: int  # segments per row (1 unless regime == "split")
+    segment: int  # columns per segment (a multiple of BLOCK_N; N when split == 1)
+    num_warps: int
+
+
+class SoftmaxOverride(NamedTuple):
+    """Test hook: force a regime and/or smaller blocks (see ``force_softmax``)."""
+
+    regime: str | None = None
+    block_n: int | None = None
+    block_m: int | None = None
+    split: int | None = None
+
+
+_override: contextvars.ContextVar[SoftmaxOverride | None] = contextvars.ContextVar(
+    "logitkit_softmax_override", default=None
+)
+
+
+@contextlib.contextmanager
+def force_softmax(regime: str | None = None, *, block_n: int | None = None, block_m: int | None = None,
+                  split: int | None = None) -> Iterator[None]:
+    """Force the softmax-family kernels onto one regime (tests reach every path on small shapes with it)."""
+    if regime is not None and regime not in SOFTMAX_REGIMES:
+        raise ValueError(f"regime must be one of {SOFTMAX_REGIMES}, got {regime!r}")
+    token = _override.set(SoftmaxOverride(regime, block_n, block_m, split))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        return _sm_count(idx) * SOFTMAX_PROGRAMS_PER_SM
+    return SOFTMAX_CPU_PROGRAMS
+
+
+def _warps(tile: int) -> int:
+    # About 8 to 16 elements per thread (two 16-byte vectors of bf16), 1 to 16 warps.
+    return max(1, min(16, tile // 512))
+
+
+def softmax_config(R: int, N: int, elem_size: int, strided: bool, device: torch.device) -> SoftmaxConfig:
+    """The regime and blocks for R rows of length N >= 1; ``strided``: the row is not the contiguous axis."""
+    ov = _override.get() or SoftmaxOverride()
+    row_tile = SOFTMAX_ROW_TILE[elem_size]
+    min_rows = SOFTMAX_STRIDED_MIN_ROWS if strided else 1
+    n_pow2 = triton.next_power_of_2(N)
+    regime = ov.regime
+    if regime is None:
+        regime = "row" if n_pow2 * min_rows <= row_tile else "loop"
+    if regime == "row":
+        BLOCK_N = n_pow2  # the same padded length in every layout: the same reduction order
+        BLOCK_M = ov.block_m or max(min_rows, min(row_tile // BLOCK_N, triton.next_power_of_2(R)))
+        return SoftmaxConfig("row", BLOCK_M, BLOCK_N, 1, N, _warps(BLOCK_M * BLOCK_N))
+    BLOCK_N = ov.block_n or min(SOFTMAX_CHUNK[elem_size], n_pow2)
+    BLOCK_M = ov.block_m or max(1, min(min_rows, row_tile // BLOCK_N))
+    row_blocks = triton.cdiv(R, BLOCK_M)
+    chunks = triton.cdiv(N, BLOCK_N)
+    if ov.split is not None:
+        split = ov.split
+    elif ov.regime is None and regime == "loop":
+        want = triton.cdiv(target_programs(device), row_blocks)
+        split = min(want, chunks // SOFTMAX_MIN_SEGMENT_CHUNKS, SOFTMAX_MAX_SPLIT)
+    else:
+        split = 2 if regime == "split" else 1
+    split = max(1, min(split, chunks))
+    if regime == "split" and split == 1 and chunks >= 2:
+        split = 2
+    if split > 1:
+        seg_chunks = triton.cdiv(chunks, split)
+        split = triton.cdiv(chunks, seg_chunks)
+        return SoftmaxConfig("split", BLOCK_M, BLOCK_N, split, seg_chunks * BLOCK_N, _warps(BLOCK_M * BLOCK_N))
+    return SoftmaxConfig("loop", BLOCK_M, BLOCK_N, 1, N, _warps(BLOCK_M * BLOCK_N))

@@ -1,0 +1,478 @@
+"""softmax, log_softmax and logsumexp over any ``dim``, forward and backward.
+
+Math:     per row a = max(x), r = rest sum (every entry but one argmax of exp(x - a)), L = log1p(r);
+          lse = a + L; log_softmax = (x - a) - L; softmax = exp(x - a) / (1 + r).
+          Backward: softmax dx = y (g - sum(g y)); log_softmax dx = g - exp(y) sum(g); lse dx = g exp(x - lse).
+Layout:   x is viewed as (P, N, K) with the reduced dim N in the middle and any strides, so a non-last dim
+          is a strided reduction in the kernel, never a transpose copy; a row is (p, k), row index p*K + k.
+Regimes:  (triton/_tuning.py) "row": the whole row in registers, several rows per program, x read once;
+          "loop": an online (max, rest-sum) pass over chunks, then an output pass (second read mostly from L2);
+          "split": rows cut into segments, a state per segment to a workspace, then a combining output pass.
+Traffic:  forward reads x once ("row") or twice (else) and writes y once; backward reads y and g once or twice.
+Numerics: fp32 working precision; float32 inputs carry x - a as TwoSum hi + lo and use libdevice exp/log1p
+          (tl.exp is ex2.approx on the GPU); true divisions (div_rn); int64 offsets; 1-D grids; no host syncs.
+          float64 inputs take the reference path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..reference import plain
+from . import _tuning
+from ._lib import combine_states, exp_diff, exp_fast, exp_acc, finish_lse, log1p_acc, merge_state, tile_state, two_diff
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernels.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_offsets(pid_m, R, K, s_p, s_k, BLOCK_M: tl.constexpr):
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_ok = rows < R
+    p = rows // K
+    k = rows - p * K
+    return rows, row_ok, p, k
+
+
+@triton.jit
+def _load_row_tile(x_ptr, m_ptr, xrow, mrow, row_ok, cols, N, sx_n, sm_n, HAS_MASK: tl.constexpr):
+    """fp32 tile; padding and masked-out entries (NaN included) read as -inf."""
+    ok = row_ok[:, None] & (cols[None, :] < N)
+    c64 = cols.to(tl.int64)[None, :]
+    x = tl.load(x_ptr + (xrow[:, None] + c64 * sx_n), mask=ok, other=float("-inf")).to(tl.float32)
+    if HAS_MASK:
+        keep = tl.load(m_ptr + (mrow[:, None] + c64 * sm_n), mask=ok, other=0) != 0
+        x = tl.where(keep, x, float("-inf"))
+    return x, ok
+
+
+@triton.jit
+def _segment_state(x_ptr, m_ptr, xrow, mrow, row_ok, start, end, sx_n, sm_n,
+                   HAS_MASK: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online (a, r) over columns [start, end) of BLOCK_M rows, chunk by chunk."""
+    a = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    r = tl.zeros([BLOCK_M], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        x, _ = _load_row_tile(x_ptr, m_ptr, xrow, mrow, row_ok, cols, end, sx_n, sm_n, HAS_MASK)
+        a_c, r_c = tile_state(x, EXACT)
+        a, r = merge_state(a, r, a_c, r_c, EXACT)
+    return a, r
+
+
+@triton.jit
+def _normalised(x, a, r, LOG: tl.constexpr, MASKED: tl.constexpr, EXACT: tl.constexpr):
+    """softmax or log_softmax of a fp32 tile from its rows' (a, r)."""
+    bad = (r != r) | (a == float("inf"))  # NaN or +inf in the row: a NaN row, as torch
+    if not MASKED:
+        bad = bad | (a == float("-inf"))  # all -inf without mask=: NaN, as torch
+    a_safe = tl.where(tl.abs(a) < float("inf"), a, 0.0)[:, None]  # with mask=, an empty row: d = -inf
+    L = tl.where(bad, float("nan"), log1p_acc(r))[:, None]
+    if LOG:
+        # d - L: two non-positive terms, no cancellation; float32 adds the TwoSum tail of d last.
+        if EXACT:
+            hi, lo = two_diff(x, a_safe)
+            return (hi - L) + lo
+        else:
+            return (x - a_safe) - L
+    else:
+        denom = tl.where(bad, float("nan"), 1.0 + r)[:, None]
+        # a true division, one rounding (the `/` operator is div.full.f32, 2 ulp, on the GPU)
+        return tl.div_rn(exp_diff(x, a_safe, EXACT), denom + tl.zeros_like(x))
+
+
+@triton.jit
+def _state_kernel(x_ptr, m_ptr, out_ptr, ws_ptr, R, N, K,
+                  sx_p, sx_n, sx_k, sm_p, sm_n, sm_k, SEGMENT, SPLIT,
+                  HAS_MASK: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Per (row block, segment): lse into out (SPLIT == 1) or the partial (a, r) into ws[2, R, SPLIT]."""
+    pid = tl.program_id(0)
+    pid_m = pid // SPLIT
+    seg = pid % SPLIT
+    rows, row_ok, p, k = _row_offsets(pid_m, R, K, sx_p, sx_k, BLOCK_M)
+    xrow = p * sx_p + k * sx_k
+    mrow = p * sm_p + k * sm_k
+    start = seg.to(tl.int64) * SEGMENT
+    end = tl.minimum(start + SEGMENT, N)
+    a, r = _segment_state(x_ptr, m_ptr, xrow, mrow, row_ok, start, end, sx_n, sm_n,
+                          HAS_MASK, EXACT, BLOCK_M, BLOCK_N)
+    if SPLIT == 1:
+        tl.store(out_ptr + rows, finish_lse(a, r), mask=row_ok)
+    else:
+        tl.store(ws_ptr + rows * SPLIT + seg, a, mask=row_ok)
+        tl.store(ws_ptr + (R + rows) * SPLIT + seg, r, mask=row_ok)
+
+
+@triton.jit
+def _load_states(ws_ptr, rows, row_ok, R, SPLIT, BLOCK_S: tl.constexpr):
+    s = tl.arange(0, BLOCK_S)
+    ok = row_ok[:, None] & (s[None, :] < SPLIT)
+    off = rows[:, None] * SPLIT + s[None, :]
+    a = tl.load(ws_ptr + off, mask=ok, other=float("-inf"))
+    r = tl.load(ws_ptr + R * SPLIT + off, mask=ok, other=0.0)
+    return a, r
+
+
+@triton.jit
+def _lse_combine_kernel(ws_ptr, out_ptr, R, SPLIT, EXACT: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_S: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    row_ok = rows < R
+    a_s, r_s = _load_states(ws_ptr, rows, row_ok, R, SPLIT, BLOCK_S)
+    a, r = combine_states(a_s, r_s, EXACT)
+    tl.store(out_ptr + rows, finish_lse(a, r), mask=row_ok)
+
+
+@triton.jit
+def _softmax_fwd_kernel(x_ptr, m_ptr, y_ptr, ws_ptr, R, N, K,
+                        sx_p, sx_n, sx_k, sm_p, sm_n, sm_k, sy_p, sy_n, sy_k, SEGMENT, SPLIT,
+                        LOG: tl.constexpr, HAS_MASK: tl.constexpr, EXACT: tl.constexpr, ONE_TILE: tl.constexpr,
+                        FROM_WS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_S: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_m = pid // SPLIT
+    seg = pid % SPLIT
+    rows, row_ok, p, k = _row_offsets(pid_m, R, K, sx_p, sx_k, BLOCK_M)
+    xrow = p * sx_p + k * sx_k
+    mrow = p * sm_p + k * sm_k
+    yrow = p * sy_p + k * sy_k
+    if ONE_TILE:  # "row": read once, reduce, write
+        cols = tl.arange(0, BLOCK_N)
+        x, ok = _load_row_tile(x_ptr, m_ptr, xrow, mrow, row_ok, cols, N, sx_n, sm_n, HAS_MASK)
+        a, r = tile_state(x, EXACT)
+        y = _normalised(x, a, r, LOG, HAS_MASK, EXACT)
+        tl.store(y_ptr + (yrow[:, None] + cols.to(tl.int64)[None, :] * sy_n), y.to(y_ptr.dtype.element_ty),
+                 mask=ok)
+    else:
+        if FROM_WS:  # "split": the partial states of this row's segments, combined
+            a_s, r_s = _load_states(ws_ptr, rows, row_ok, R, SPLIT, BLOCK_S)
+            a, r = combine_states(a_s, r_s, EXACT)
+        else:  # "loop": the online pass over the whole row
+            a, r = _segment_state(x_ptr, m_ptr, xrow, mrow, row_ok, 0, N, sx_n, sm_n,
+                                  HAS_MASK, EXACT, BLOCK_M, BLOCK_N)
+        start = seg.to(tl.int64) * SEGMENT
+        end = tl.minimum(start + SEGMENT, N)
+        for n0 in range(start, end, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            x, ok = _load_row_tile(x_ptr, m_ptr, xrow, mrow, row_ok, cols, end, sx_n, sm_n, HAS_MASK)
+            y = _normalised(x, a, r, LOG, HAS_MASK, EXACT)
+            tl.store(y_ptr + (yrow[:, None] + cols.to(tl.int64)[None, :] * sy_n),
+                     y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _load_bwd_tile(y_ptr, g_ptr, m_ptr, yrow, grow, mrow, row_ok, cols, N, sy_n, sg_n, sm_n,
+                   HAS_MASK: tl.constexpr):
+    """fp32 (y, g, keep) tiles; padding reads y = 0 (-inf for log), g = 0, keep = False."""
+    ok = row_ok[:, None] & (cols[None, :] < N)
+    c64 = cols.to(tl.int64)[None, :]
+    y = tl.load(y_ptr + (yrow[:, None] + c64 * sy_n), mask=ok, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + (grow[:, None] + c64 * sg_n), mask=ok, other=0.0).to(tl.float32)
+    if HAS_MASK:
+        keep = (tl.load(m_ptr + (mrow[:, None] + c64 * sm_n), mask=ok, other=0) != 0) & ok
+    else:
+        keep = ok
+    return y, g, keep, ok
+
+
+@triton.jit
+def _bwd_partials(y, g, keep, LOG: tl.constexpr):
+    """Row partials (s, ymax): s = sum(g y) (softmax) or sum of g over kept entries (log_softmax)."""
+    if LOG:
+        s = tl.sum(tl.where(keep, g, 0.0), axis=1)
+    else:
+        s = tl.sum(g * y, axis=1)  # padding has y = 0 and g = 0
+    ymax = tl.max(tl.where(keep, y, float("-inf")), axis=1)
+    return s, ymax
+
+
+@triton.jit
+def _bwd_values(y, g, keep, s, ymax, LOG: tl.constexpr, HAS_MASK: tl.constexpr, EXACT: tl.constexpr):
+    if LOG:
+        if EXACT:
+            p = exp_acc(y)
+        else:
+            p = exp_fast(y)
+        dx = g - p * s[:, None]
+        if HAS_MASK:
+            # masked entries, and rows with no mass left (every kept entry -inf), get 0
+            dx = tl.where(keep & (ymax > float("-inf"))[:, None], dx, 0.0)
+    else:
+        dx = y * (g - s[:, None])
+    return dx
+
+
+@triton.jit
+def _softmax_bwd_kernel(y_ptr, g_ptr, m_ptr, dx_ptr, ws_ptr, R, N, K,
+                        sy_p, sy_n, sy_k, sg_p, sg_n, sg_k, sm_p, sm_n, sm_k, sd_p, sd_n, sd_k,
+                        SEGMENT, SPLIT,
+                        LOG: tl.constexpr, HAS_MASK: tl.constexpr, EXACT: tl.constexpr, ONE_TILE: tl.constexpr,
+                        PHASE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_S: tl.constexpr):
+    """PHASE 0: "row"/"loop" in one launch; 1: split partials (s, ymax) to ws; 2: combine them and write dx."""
+    pid = tl.program_id(0)
+    pid_m = pid // SPLIT
+    seg = pid % SPLIT
+    rows, row_ok, p, k = _row_offsets(pid_m, R, K, sy_p, sy_k, BLOCK_M)
+    yrow = p * sy_p + k * sy_k
+    grow = p * sg_p + k * sg_k
+    mrow = p * sm_p + k * sm_k
+    drow = p * sd_p + k * sd_k
+    if ONE_TILE:
+        cols = tl.arange(0, BLOCK_N)
+        y, g, keep, ok = _load_bwd_tile(y_ptr, g_ptr, m_ptr, yrow, grow, mrow, row_ok, cols, N, sy_n, sg_n, sm_n,
+                                        HAS_MASK)
+        s, ymax = _bwd_partials(y, g, keep, LOG)
+        dx = _bwd_values(y, g, keep, s, ymax, LOG, HAS_MASK, EXACT)
+        tl.store(dx_ptr + (drow[:, None] + cols.to(tl.int64)[None, :] * sd_n), dx.to(dx_ptr.dtype.element_ty),
+                 mask=ok)
+    else:
+        start = seg.to(tl.int64) * SEGMENT
+        end = tl.minimum(start + SEGMENT, N)
+        if PHASE == 2:
+            sidx = tl.arange(0, BLOCK_S)
+            sok = row_ok[:, None] & (sidx[None, :] < SPLIT)
+            off = rows[:, None] * SPLIT + sidx[None, :]
+            s = tl.sum(tl.load(ws_ptr + off, mask=sok, other=0.0), axis=1)
+            ymax = tl.max(tl.load(ws_ptr + R * SPLIT + off, mask=sok, other=float("-inf")), axis=1)
+        else:
+            s = tl.zeros([BLOCK_M], tl.float32)
+            ymax = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            for n0 in range(start, end, BLOCK_N):
+                cols = n0 + tl.arange(0, BLOCK_N)
+                y, g, keep, ok = _load_bwd_tile(y_ptr, g_ptr, m_ptr, yrow, grow, mrow, row_ok, cols, end,
+                                                sy_n, sg_n, sm_n, HAS_MASK)
+                s_c, ymax_c = _bwd_partials(y, g, keep, LOG)
+                s += s_c
+                ymax = tl.maximum(ymax, ymax_c)
+        if PHASE == 1:
+            tl.store(ws_ptr + rows * SPLIT + seg, s, mask=row_ok)
+            tl.store(ws_ptr + (R + rows) * SPLIT + seg, ymax, mask=row_ok)
+        else:
+            for n0 in range(start, end, BLOCK_N):
+                cols = n0 + tl.arange(0, BLOCK_N)
+                y, g, keep, ok = _load_bwd_tile(y_ptr, g_ptr, m_ptr, yrow, grow, mrow, row_ok, cols, end,
+                                                sy_n, sg_n, sm_n, HAS_MASK)
+                dx = _bwd_values(y, g, keep, s, ymax, LOG, HAS_MASK, EXACT)
+                tl.store(dx_ptr + (drow[:, None] + cols.to(tl.int64)[None, :] * sd_n),
+                         dx.to(dx_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _logsumexp_bwd_kernel(x_ptr, lse_ptr, g_ptr, m_ptr, dx_ptr, R, N, K,
+                          sx_p, sx_n, sx_k, sl_p, sl_k, sg_p, sg_k, sm_p, sm_n, sm_k, sd_p, sd_n, sd_k,
+                          SEGMENT, SPLIT,
+                          HAS_MASK: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
+    """dx = g exp(x - lse): elementwise per (row block, segment); rows with lse = -inf and masked entries get 0."""
+    pid = tl.program_id(0)
+    pid_m = pid // SPLIT
+    seg = pid % SPLIT
+    rows, row_ok, p, k = _row_offsets(pid_m, R, K, sx_p, sx_k, BLOCK_M)
+    xrow = p * sx_p + k * sx_k
+    mrow = p * sm_p + k * sm_k
+    drow = p * sd_p + k * sd_k
+    lse = tl.load(lse_ptr + (p * sl_p + k * sl_k), mask=row_ok, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + (p * sg_p + k * sg_k), mask=row_ok, other=0.0).to(tl.float32)
+    dead = lse == float("-inf")  # no mass: exp(x - lse) would be 0/0
+    lse_safe = tl.where(dead, 0.0, lse)[:, None]
+    start = seg.to(tl.int64) * SEGMENT
+    end = tl.minimum(start + SEGMENT, N)
+    for n0 in range(start, end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        x, ok = _load_row_tile(x_ptr, m_ptr, xrow, mrow, row_ok, cols, end, sx_n, sm_n, HAS_MASK)
+        dx = g[:, None] * exp_diff(x, lse_safe, EXACT)
+        dx = tl.where(dead[:, None], 0.0, dx)
+        tl.store(dx_ptr + (drow[:, None] + cols.to(tl.int64)[None, :] * sd_n), dx.to(dx_ptr.dtype.element_ty),
+                 mask=ok)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launchers.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _collapse(shape, strides) -> int | None:
+    """The single stride of a group of dims viewed as one, or None when they do not collapse."""
+    dims = [(n, s) for n, s in zip(shape, strides) if n != 1]
+    if not dims:
+        return 0
+    for (n0, s0), (n1, s1) in zip(dims, dims[1:]):
+        if s0 != s1 * n1:
+            return None
+    return dims[-1][1]
+
+
+def _pnk(t: Tensor, dim: int) -> tuple[Tensor, int, int, int]:
+    """``t`` and the strides of its (P, N, K) view around ``dim``; a copy only when the outer or inner dims
+    cannot be viewed as one (never for contiguous tensors, any dim, or a transposed 2-d tensor)."""
+    shape, strides = t.shape, t.stride()
+    sp = _collapse(shape[:dim], strides[:dim])
+    sk = _collapse(shape[dim + 1:], strides[dim + 1:])
+    if sp is None or sk is None:
+        t = t.contiguous()
+        return _pnk(t, dim)
+    return t, sp, t.stride(dim), sk
+
+
+def _geometry(x: Tensor, dim: int) -> tuple[int, int, int]:
+    N = x.shape[dim]
+    K = math.prod(x.shape[dim + 1:])
+    P = math.prod(x.shape[:dim])
+    return P * K, N, K
+
+
+def _mask_args(mask: Tensor | None, x: Tensor, dim: int):
+    if mask is None:
+        return x, 0, 0, 0  # never read (HAS_MASK is False)
+    m, sp, sn, sk = _pnk(mask, dim)
+    return m.view(torch.uint8), sp, sn, sk
+
+
+def _config(R: int, N: int, x: Tensor, sx_n: int) -> _tuning.SoftmaxConfig:
+    return _tuning.softmax_config(R, N, x.element_size(), sx_n != 1 and N > 1, x.device)
+
+
+def _grid(cfg: _tuning.SoftmaxConfig, R: int) -> tuple[int]:
+    return (triton.cdiv(R, cfg.BLOCK_M) * cfg.split,)
+
+
+def _states(x, dim, mask, cfg, R, N, K, lse_out):
+    """Launch the state kernel: lse into ``lse_out`` (split == 1) or partial states into a new workspace."""
+    xv, sx_p, sx_n, sx_k = _pnk(x, dim)
+    m, sm_p, sm_n, sm_k = _mask_args(mask, x, dim)
+    ws = torch.empty((2, R, cfg.split), dtype=torch.float32, device=x.device) if cfg.split > 1 else lse_out
+    _state_kernel[_grid(cfg, R)](
+        xv, m, lse_out, ws, R, N, K, sx_p, sx_n, sx_k, sm_p, sm_n, sm_k, cfg.segment, cfg.split,
+        HAS_MASK=mask is not None, EXACT=x.dtype == torch.float32, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+        num_warps=cfg.num_warps,
+    )
+    return ws
+
+
+def softmax_fwd_out(x: Tensor, dim: int, *, mask: Tensor | None = None, log: bool = False, out: Tensor) -> Tensor:
+    """softmax (``log=False``) or log_softmax of ``x`` along ``dim`` into ``out`` (x's shape and dtype)."""
+    if out.numel() == 0 or x.shape[dim] == 0:
+        return out
+    if x.dtype == torch.float64:
+        return plain.normalize_fwd(x.movedim(dim, -1), None if mask is None else mask.movedim(dim, -1), log,
+                                   out.movedim(dim, -1))
+    R, N, K = _geometry(x, dim)
+    xv, sx_p, sx_n, sx_k = _pnk(x, dim)
+    m, sm_p, sm_n, sm_k = _mask_args(mask, x, dim)
+    yv, sy_p, sy_n, sy_k = _pnk(out, dim)
+    assert yv.data_ptr() == out.data_ptr() and yv.stride() == out.stride(), "out must be viewable as (P, N, K)"
+    cfg = _config(R, N, x, sx_n)
+    exact = x.dtype == torch.float32
+    ws = xv
+    if cfg.regime == "split":
+        ws = _states(x, dim, mask, cfg, R, N, K, xv)
+    _softmax_fwd_kernel[_grid(cfg, R)](
+        xv, m, yv, ws, R, N, K, sx_p, sx_n, sx_k, sm_p, sm_n, sm_k, sy_p, sy_n, sy_k, cfg.segment, cfg.split,
+        LOG=log, HAS_MASK=mask is not None, EXACT=exact, ONE_TILE=cfg.regime == "row",
+        FROM_WS=cfg.regime == "split", BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+        BLOCK_S=triton.next_power_of_2(cfg.split), num_warps=cfg.num_warps,
+    )
+    return out
+
+
+def softmax_fwd(x: Tensor, dim: int, *, mask: Tensor | None = None, log: bool = False) -> Tensor:
+    return softmax_fwd_out(x, dim, mask=mask, log=log, out=torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+def logsumexp_fwd(x: Tensor, dim: int, *, mask: Tensor | None = None) -> Tensor:
+    """lse along ``dim`` in fp32 (fp64 for fp64 input), the dim kept with size 1."""
+    wd = plain.working_dtype(x.dtype)
+    shape = list(x.shape)
+    shape[dim] = 1
+    if x.shape[dim] == 0:
+        return torch.full(shape, -math.inf, dtype=wd, device=x.device)
+    if x.dtype == torch.float64:
+        return plain.lse_fwd(x.movedim(dim, -1), None if mask is None else mask.movedim(dim, -1)).unsqueeze(dim)
+    out = torch.empty(shape, dtype=wd, device=x.device)
+    if x.numel() == 0:
+        return out
+    R, N, K = _geometry(x, dim)
+    sx_n = _pnk(x, dim)[2]
+    cfg = _config(R, N, x, sx_n)
+    if cfg.regime == "row":  # one chunk covers the row: the state kernel reads it once
+        cfg = cfg._replace(segment=N)
+    ws = _states(x, dim, mask, cfg, R, N, K, out)
+    if cfg.split > 1:
+        BLOCK_S = triton.next_power_of_2(cfg.split)
+        BLOCK_M = max(1, min(128, 4096 // BLOCK_S))
+        _lse_combine_kernel[(triton.cdiv(R, BLOCK_M),)](
+            ws, out, R, cfg.split, EXACT=x.dtype == torch.float32, BLOCK_M=BLOCK_M, BLOCK_S=BLOCK_S, num_warps=4
+        )
+    return out
+
+
+def softmax_bwd_out(y: Tensor, g: Tensor, dim: int, *, mask: Tensor | None = None, log: bool = False,
+                    out: Tensor) -> Tensor:
+    """Gradient of softmax (``log=False``) or log_softmax from its output ``y`` and upstream ``g``."""
+    if out.numel() == 0:
+        return out
+    if y.dtype == torch.float64:
+        yv, gv, dv = y.movedim(dim, -1), g.movedim(dim, -1), out.movedim(dim, -1)
+        if log:
+            return plain.log_softmax_bwd(yv, gv, None if mask is None else mask.movedim(dim, -1), dv) and out
+        return plain.softmax_bwd(yv, gv, dv) and out
+    R, N, K = _geometry(y, dim)
+    yv, sy_p, sy_n, sy_k = _pnk(y, dim)
+    gv, sg_p, sg_n, sg_k = _pnk(g, dim)
+    m, sm_p, sm_n, sm_k = _mask_args(mask, y, dim)
+    dv, sd_p, sd_n, sd_k = _pnk(out, dim)
+    assert dv.data_ptr() == out.data_ptr() and dv.stride() == out.stride(), "out must be viewable as (P, N, K)"
+    cfg = _config(R, N, y, sy_n)
+    args = (R, N, K, sy_p, sy_n, sy_k, sg_p, sg_n, sg_k, sm_p, sm_n, sm_k, sd_p, sd_n, sd_k, cfg.segment, cfg.split)
+    meta = dict(LOG=log, HAS_MASK=mask is not None, EXACT=y.dtype == torch.float32, ONE_TILE=cfg.regime == "row",
+                BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_S=triton.next_power_of_2(cfg.split),
+                num_warps=cfg.num_warps)
+    if cfg.regime == "split":
+        ws = torch.empty((2, R, cfg.split), dtype=torch.float32, device=y.device)
+        _softmax_bwd_kernel[_grid(cfg, R)](yv, gv, m, dv, ws, *args, PHASE=1, **meta)
+        _softmax_bwd_kernel[_grid(cfg, R)](yv, gv, m, dv, ws, *args, PHASE=2, **meta)
+    else:
+        _softmax_bwd_kernel[_grid(cfg, R)](yv, gv, m, dv, yv, *args, PHASE=0, **meta)
+    return out
+
+
+def softmax_bwd(y: Tensor, g: Tensor, dim: int, *, mask: Tensor | None = None, log: bool = False) -> Tensor:
+    return softmax_bwd_out(y, g, dim, mask=mask, log=log,
+                           out=torch.empty_like(y, memory_format=torch.contiguous_format))
+
+
+def logsumexp_bwd_out(x: Tensor, lse: Tensor, g: Tensor, dim: int, *, mask: Tensor | None = None,
+                      out: Tensor) -> Tensor:
+    """dx = g exp(x - lse); ``lse`` (working precision) and ``g`` have ``dim`` kept with size 1."""
+    if out.numel() == 0:
+        return out
+    if x.dtype == torch.float64:
+        plain.lse_bwd(x.movedim(dim, -1), lse.squeeze(dim), g.squeeze(dim),
+                      None if mask is None else mask.movedim(dim, -1), out.movedim(dim, -1))
+        return out
+    R, N, K = _geometry(x, dim)
+    xv, sx_p, sx_n, sx_k = _pnk(x, dim)
+    lv, sl_p, _, sl_k = _pnk(lse, dim)
+    gv, sg_p, _, sg_k = _pnk(g, dim)
+    m, sm_p, sm_n, sm_k = _mask_args(mask, x, dim)
+    dv, sd_p, sd_n, sd_k = _pnk(out, dim)
+    assert dv.data_ptr() == out.data_ptr() and dv.stride() == out.stride(), "out must be viewable as (P, N, K)"
+    cfg = _config(R, N, x, sx_n)
+    _logsumexp_bwd_kernel[_grid(cfg, R)](
+        xv, lv, gv, m, dv, R, N, K, sx_p, sx_n, sx_k, sl_p, sl_k, sg_p, sg_k, sm_p, sm_n, sm_k, sd_p, sd_n, sd_k,
+        cfg.segment, cfg.split, HAS_MASK=mask is not None, EXACT=x.dtype == torch.float32, BLOCK_M=cfg.BLOCK_M,
+        BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps,
+    )
+    return out
+
+
+def logsumexp_bwd(x: Tensor, lse: Tensor, g: Tensor, dim: int, *, mask: Tensor | None = None) -> Tensor:
+    return logsumexp_bwd_out(x, lse, g, dim, mask=mask, out=torch.empty_like(x, memory_format=torch.contiguous_format))

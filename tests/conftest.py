@@ -1,0 +1,39 @@
+"""Shared fixtures: the backends under test and the source tree on sys.path when not installed."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+try:
+    import logitkit  # noqa: F401
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "src"))
+
+import logitkit  # noqa: E402
+
+
+def available_backends() -> list[str]:
+    """'reference' always; 'triton' where its kernels can run (CUDA, or the interpreter if asked for)."""
+    names = ["reference"]
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return names
+        names.append("triton")
+    return names
+
+
+@pytest.fixture(params=available_backends())
+def backend(request):
+    """Run the test under each available backend."""
+    with logitkit.use_backend(request.param):
+        yield request.param
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long rows or many compiles; deselect with -m 'not slow'")

@@ -1,0 +1,121 @@
+"""The ``logitkit`` command end to end, in-process: quick accuracy and bench runs, their JSON and PNG files."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+
+from logitkit.cli import main
+
+# What every JSON file must say about where and with what it was measured.
+META_KEYS = {"date", "git_commit", "device", "gpu", "cpu", "python", "torch", "triton"}
+
+
+@pytest.fixture(scope="module")
+def accuracy_run(tmp_path_factory):
+    """One quick accuracy run shared by the tests below: (exit code, printed text, JSON payload, PNG path)."""
+    tmp = tmp_path_factory.mktemp("accuracy")
+    json_path, png_path = tmp / "accuracy.json", tmp / "accuracy.png"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["accuracy", "--quick", "--json", str(json_path), "--plot", str(png_path)])
+    return code, out.getvalue(), json.loads(json_path.read_text()), png_path
+
+
+def test_accuracy_quick_report(accuracy_run):
+    code, out, payload, png_path = accuracy_run
+    assert code in (0, 1), out
+    assert "headline:" in out
+    assert png_path.stat().st_size > 0
+    assert payload["kind"] == "accuracy" and payload["quick"] is True
+    assert META_KEYS <= payload["meta"].keys()
+    ops = {e["op"] for e in payload["summary"]}
+    assert ops == {"softmax", "log_softmax", "logsumexp", "cross_entropy"}
+    assert {e["dtype"] for e in payload["summary"]} == {"float32", "bfloat16", "float16"}
+    for entry in payload["summary"]:
+        assert {"logitkit", "torch"} <= entry["impl"].keys()
+        assert entry["target"] in (1.0, 2.0, 4.0)
+        assert entry["pass"] == (entry["impl"]["logitkit"]["max"] <= entry["target"])
+    # Naive log(softmax) is measured where it applies, SciPy in float32 only.
+    naive_ops = {e["op"] for e in payload["summary"] if "naive" in e["impl"]}
+    assert naive_ops == {"log_softmax", "cross_entropy"}
+    assert {e["dtype"] for e in payload["summary"] if "scipy" in e["impl"]} == {"float32"}
+    assert all({"op", "dtype", "family", "V", "M", "impl", "target", "pass"} <= r.keys() for r in payload["rows"])
+    # The exit code is the verdict: 1 exactly when a cell misses its target.
+    assert code == (0 if all(e["pass"] for e in payload["summary"]) else 1)
+
+
+def test_accuracy_headline(accuracy_run):
+    # The rest-sum and log1p keep log_softmax([0, -20])[0], its loss and gradient sum within 2 ulps.
+    h = accuracy_run[2]["headline"]
+    assert h["log_softmax_logitkit"] == pytest.approx(h["log_softmax_truth"], rel=2 * 2.0**-23)
+    assert h["cross_entropy_logitkit"] == pytest.approx(h["cross_entropy_truth"], rel=2 * 2.0**-23)
+    assert abs(h["grad_sum_logitkit"]) <= 2 * 2.0**-24 * 2.0**-28  # a couple of ulps of the 2e-9 entries
+    assert h["log_softmax_torch"] == 0.0  # the failure logitkit exists to fix; if torch fixes it, update this
+
+
+def test_accuracy_quick_meets_targets(accuracy_run):
+    code, _, payload, _ = accuracy_run
+    failed = [(e["op"], e["dtype"], e["family"], e["impl"]["logitkit"]["max"], e["target"])
+              for e in payload["summary"] if not e["pass"]]
+    assert not failed, f"logitkit over its NUMERICS.md target (op, dtype, family, max ulps, target): {failed}"
+    assert code == 0
+
+
+def test_bench_quick_writes_rows(tmp_path, capsys):
+    json_path, png_path = tmp_path / "bench.json", tmp_path / "bench.png"
+    code = main(["bench", "--quick", "--device", "cpu", "--json", str(json_path), "--plot", str(png_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert png_path.stat().st_size > 0
+    payload = json.loads(json_path.read_text())
+    assert payload["kind"] == "bench"
+    assert META_KEYS <= payload["meta"].keys()
+    assert payload["copy"]["tb_s"] > 0
+    rows = payload["rows"]
+    assert {r["provider"] for r in rows} >= {"logitkit", "torch"}
+    assert {(r["op"], r["mode"]) for r in rows if r["provider"] == "logitkit"} >= {
+        ("softmax", "fwd"), ("softmax", "fwd+bwd"), ("cross_entropy", "fwd"), ("cross_entropy", "fwd+bwd")}
+    for r in rows:
+        assert r["error"] is None, r
+        assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        assert r["ideal_bytes"] > 0 and r["tb_s"] > 0
+        assert r["ratio_vs_torch"] is not None
+        if r["provider"] == "torch":
+            assert r["ratio_vs_torch"] == 1.0
+    # Peak memory comes from a subprocess reading the kernel's peak RSS; a forward writes at least its output.
+    softmax_fwd = [r for r in rows if (r["op"], r["mode"], r["provider"]) == ("softmax", "fwd", "logitkit")]
+    assert all(r["peak_extra_bytes"] is not None and r["peak_extra_bytes"] >= 0 for r in softmax_fwd)
+
+
+def test_bench_op_filter(tmp_path, capsys):
+    json_path = tmp_path / "bench.json"
+    code = main(["bench", "--quick", "--device", "cpu", "--op", "logsumexp", "--provider", "logitkit",
+                 "--json", str(json_path)])
+    assert code == 0, capsys.readouterr().out
+    rows = json.loads(json_path.read_text())["rows"]
+    assert {r["op"] for r in rows} == {"logsumexp"}
+    assert {r["provider"] for r in rows} == {"logitkit", "torch"}  # torch is kept for the ratio
+
+
+def test_unknown_subcommand_errors(capsys):
+    with pytest.raises(SystemExit) as excinfo:
+        main(["frobnicate"])
+    assert excinfo.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_missing_subcommand_errors(capsys):
+    with pytest.raises(SystemExit) as excinfo:
+        main([])
+    assert excinfo.value.code == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_bench_cuda_without_device(capsys):
+    assert main(["bench", "--quick", "--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().out

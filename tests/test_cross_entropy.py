@@ -1,0 +1,239 @@
+"""cross_entropy: torch parity over every option, accuracy per row, dtypes, gradients, properties."""
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _tolerances import F64_PARITY, REDUCED_REL_EPS, TORCH_SLACK, ULPS
+from _util import BF16, F16, F32, F64, LENGTHS, TARGET_DTYPES, grad, rows_for, worst
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import logitkit
+from logitkit.reference import oracle
+
+
+def make_case(shape, prob, ignore, weighted, gen, dtype=F64):
+    """(logits, target, weight) for a (N, C, ...) or (C,) shape."""
+    x = torch.randn(shape, dtype=F64, generator=gen).mul(3).to(dtype)
+    cd = 1 if len(shape) > 1 else 0
+    C = shape[cd]
+    tshape = shape[:cd] + shape[cd + 1 :]
+    if prob:
+        t = torch.softmax(torch.randn(shape, dtype=F64, generator=gen), cd).to(dtype)
+    else:
+        t = torch.randint(0, C, tshape, generator=gen)
+        if ignore and t.numel() > 1:
+            t.view(-1)[::3] = -100
+    w = (torch.rand(C, dtype=F64, generator=gen) + 0.5).to(dtype) if weighted else None
+    return x, t, w
+
+
+# Shapes: batched, K-dim (N, C, d1, d2), unbatched (C,), single class; options: every branch of torch's code.
+@pytest.mark.parametrize("shape", [(6, 5), (2, 5, 3, 2), (5,), (4, 1)])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("prob", [False, True])
+def test_torch_parity_float64(backend, shape, reduction, label_smoothing, weighted, prob):
+    gen = torch.Generator().manual_seed(len(shape))
+    x, t, w = make_case(shape, prob, ignore=True, weighted=weighted, gen=gen)
+    kw = dict(weight=w, reduction=reduction, label_smoothing=label_smoothing)
+    ref = F.cross_entropy(x, t, **kw)
+    ours = logitkit.cross_entropy(x, t, **kw)
+    assert ours.dtype == F64 and ours.shape == ref.shape
+    torch.testing.assert_close(ours, ref, **F64_PARITY, equal_nan=True)
+    go = torch.rand(ref.shape, dtype=F64, generator=gen)
+    torch.testing.assert_close(
+        grad(lambda z: logitkit.cross_entropy(z, t, **kw), x, go), grad(lambda z: F.cross_entropy(z, t, **kw), x, go),
+        rtol=1e-10, atol=1e-14,
+    )
+
+
+# ignore_index values: torch's default, a real class index, and a positive sentinel beyond C.
+@pytest.mark.parametrize("ignore_index", [-100, 2, 7])
+def test_ignore_index_values(backend, ignore_index):
+    x = torch.randn(6, 5, dtype=F64)
+    t = torch.tensor([0, 2, 4, 2, 1, 3])
+    if ignore_index == 7:
+        t[1] = 7
+    for reduction in ("none", "mean", "sum"):
+        kw = dict(ignore_index=ignore_index, reduction=reduction)
+        torch.testing.assert_close(logitkit.cross_entropy(x, t, **kw), F.cross_entropy(x, t, **kw), **F64_PARITY)
+
+
+def test_headline(backend):
+    x = torch.tensor([[0.0, -20.0]], requires_grad=True)
+    loss = logitkit.cross_entropy(x, torch.tensor([0]))
+    assert oracle.ulp_error(loss, torch.tensor(2.0611537e-09, dtype=F64), F32) <= 2
+    (gx,) = torch.autograd.grad(loss, x)
+    truth = oracle.cross_entropy_bwd(x, torch.tensor([0]))
+    assert oracle.ulp_error(gx, truth, F32).max() <= 2
+    assert abs(gx.double().sum().item()) <= 2 * oracle.ulp(truth[0, 0], F32).item()
+
+
+# Per-row losses (reduction='none') on every family and row length; half inputs give float32 losses.
+@pytest.mark.parametrize("V", LENGTHS)
+@pytest.mark.parametrize("dtype", TARGET_DTYPES)
+def test_accuracy_on_families(backend, dtype, V):
+    gen = torch.Generator().manual_seed(V)
+    ours_err, torch_err = {}, {}
+    for name, x in oracle.input_families(dtype, V, M=rows_for(V), seed=V):
+        t = torch.randint(0, V, (x.shape[0],), generator=gen)
+        t[0] = x[0].double().argmax()  # the confident row: the loss is L alone
+        truth = oracle.cross_entropy(x, t, reduction="none")
+        ours = logitkit.cross_entropy(x, t, reduction="none")
+        assert ours.dtype == F32
+        ours_err[name] = oracle.ulp_error(ours, truth, F32).max().item()
+        torch_err[name] = oracle.ulp_error(F.cross_entropy(x.float(), t, reduction="none"), truth, F32).max().item()
+    assert not worst(ours_err, ULPS["cross_entropy"][F32]), (ours_err, torch_err)
+    assert not worst(ours_err, {k: v + TORCH_SLACK[F32] for k, v in torch_err.items()}), (ours_err, torch_err)
+
+
+# Gradients per row on every family: softmax off target, -r / (1 + r) at it, in ulps of the input dtype.
+@pytest.mark.parametrize("V", [2, 33, 1025])  # the headline length, a short odd row, one past a power of two
+@pytest.mark.parametrize("dtype", TARGET_DTYPES)
+def test_backward_random_upstream(backend, dtype, V):
+    gen = torch.Generator().manual_seed(V)
+    ours_err, torch_err = {}, {}
+    for name, x in oracle.input_families(dtype, V, M=rows_for(V), seed=V):
+        t = x.double().argmax(1)  # target at the max: the cancelling case
+        t[::2] = torch.randint(0, V, t[::2].shape, generator=gen)
+        go = torch.rand(x.shape[0], generator=gen, dtype=F64).float()
+        truth = oracle.cross_entropy_bwd(x, t, go, reduction="none")
+        ours = grad(lambda z: logitkit.cross_entropy(z, t, reduction="none"), x, go)
+        assert ours.dtype == dtype
+        ours_err[name] = oracle.ulp_error(ours, truth, dtype).max().item()
+        ref = grad(lambda z: F.cross_entropy(z.float(), t, reduction="none"), x, go)
+        torch_err[name] = oracle.ulp_error(ref, truth, dtype).max().item()
+    bound = ULPS["cross_entropy"].get(dtype, 1.0) * 2  # two roundings: the fp32 gradient, then the dtype
+    assert not worst(ours_err, bound), (ours_err, torch_err)
+    assert not worst(ours_err, {k: v + TORCH_SLACK[dtype] for k, v in torch_err.items()}), (ours_err, torch_err)
+
+
+# The batch reductions against the oracle: a sum over rows adds its own rounding, bounded relative.
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", [F16, BF16, F32])
+def test_reduced_losses_accuracy(backend, reduction, dtype):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(512, 33, generator=gen).mul(4).to(dtype)
+    t = torch.randint(0, 33, (512,), generator=gen)
+    t[::7] = -100
+    w = torch.rand(33, generator=gen).add(0.5).to(dtype)
+    for kw in (dict(), dict(weight=w), dict(label_smoothing=0.1)):
+        ours = logitkit.cross_entropy(x, t, reduction=reduction, **kw)
+        assert ours.dtype == F32
+        truth = oracle.cross_entropy(x, t, reduction=reduction, **kw)
+        assert abs(ours.double() - truth) <= REDUCED_REL_EPS[F32] * 2**-23 * truth.abs(), kw
+
+
+# Half inputs: float32 loss for every reduction and target kind; the gradient keeps the input dtype.
+@pytest.mark.parametrize("dtype", [F16, BF16])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("prob", [False, True])
+def test_half_inputs_return_float32(backend, dtype, reduction, prob):
+    gen = torch.Generator().manual_seed(0)
+    x, t, _ = make_case((4, 5), prob, ignore=False, weighted=False, gen=gen, dtype=dtype)
+    x.requires_grad_()
+    loss = logitkit.cross_entropy(x, t, reduction=reduction)
+    assert loss.dtype == F32
+    loss.sum().backward()
+    assert x.grad.dtype == dtype
+    truth = oracle.cross_entropy(x, t, reduction=reduction)
+    torch.testing.assert_close(loss.double(), truth, rtol=8 * 2**-23, atol=0)
+
+
+def test_all_ignored(backend):
+    x = torch.randn(3, 4, requires_grad=True)
+    t = torch.full((3,), -100)
+    mean = logitkit.cross_entropy(x, t)
+    assert math.isnan(mean.item())
+    (g,) = torch.autograd.grad(mean, x)
+    assert torch.equal(g, torch.zeros_like(g))
+    s = logitkit.cross_entropy(x, t, reduction="sum")
+    assert s.item() == 0.0
+    (g,) = torch.autograd.grad(s, x)
+    assert torch.equal(g, torch.zeros_like(g))
+    assert torch.equal(logitkit.cross_entropy(x, t, reduction="none"), torch.zeros(3))
+
+
+def test_empty_batch(backend):
+    x = torch.randn(0, 4, requires_grad=True)
+    t = torch.zeros(0, dtype=torch.long)
+    assert math.isnan(logitkit.cross_entropy(x, t).item())
+    assert logitkit.cross_entropy(x, t, reduction="sum").item() == 0.0
+    none = logitkit.cross_entropy(x, t, reduction="none")
+    assert none.shape == (0,)
+    none.sum().backward()
+    assert x.grad.shape == (0, 4)
+
+
+def test_minus_inf_logit_at_target(backend):
+    x = torch.tensor([[0.0, -math.inf, 1.0]])
+    assert logitkit.cross_entropy(x, torch.tensor([1])).item() == math.inf
+    assert logitkit.cross_entropy(x, torch.tensor([2])).item() == pytest.approx(F.cross_entropy(x, torch.tensor([2])).item(), rel=1e-6)
+
+
+# torch's legacy pairs: each maps to one reduction and warns.
+@pytest.mark.parametrize("size_average,reduce,expected", [(True, None, "mean"), (False, None, "sum"), (None, False, "none"), (False, True, "sum")])
+def test_legacy_size_average_reduce(backend, size_average, reduce, expected):
+    x = torch.randn(4, 5, dtype=F64)
+    t = torch.tensor([0, 1, 2, 3])
+    with pytest.warns((UserWarning, DeprecationWarning), match="size_average|reduce"):
+        ours = logitkit.cross_entropy(x, t, size_average=size_average, reduce=reduce)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = F.cross_entropy(x, t, size_average=size_average, reduce=reduce)
+    torch.testing.assert_close(ours, ref, **F64_PARITY)
+    torch.testing.assert_close(ours, F.cross_entropy(x, t, reduction=expected), **F64_PARITY)
+
+
+def test_kdim_equals_flattened_bit_for_bit(backend):
+    x = torch.randn(2, 7, 3, 4)
+    t = torch.randint(0, 7, (2, 3, 4))
+    ours = logitkit.cross_entropy(x, t, reduction="none")
+    flat = logitkit.cross_entropy(x.movedim(1, -1).reshape(-1, 7), t.reshape(-1), reduction="none")
+    assert torch.equal(ours, flat.view(2, 3, 4))
+    g = torch.rand(2, 3, 4)
+    gk = grad(lambda z: logitkit.cross_entropy(z, t, reduction="none"), x, g)
+    gf = grad(lambda z: logitkit.cross_entropy(z, t.reshape(-1), reduction="none"), x.movedim(1, -1).reshape(-1, 7), g.reshape(-1))
+    assert torch.equal(gk, gf.view(2, 3, 4, 7).movedim(-1, 1))
+    nc = torch.randn(7, 6).t()  # non-contiguous (6, 7)
+    tt = torch.randint(0, 7, (6,))
+    assert torch.equal(logitkit.cross_entropy(nc, tt, reduction="none"), logitkit.cross_entropy(nc.contiguous(), tt, reduction="none"))
+
+
+# gradcheck over the target kinds and the options that change the gradient formula.
+@pytest.mark.parametrize("prob,weighted,label_smoothing,reduction", [
+    (False, False, 0.0, "mean"), (False, True, 0.2, "mean"), (False, True, 0.0, "none"), (True, True, 0.1, "sum"),
+])
+def test_gradcheck(backend, prob, weighted, label_smoothing, reduction):
+    gen = torch.Generator().manual_seed(3)
+    x, t, w = make_case((4, 5), prob, ignore=not prob, weighted=weighted, gen=gen)
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda z: logitkit.cross_entropy(z, t, weight=w, reduction=reduction, label_smoothing=label_smoothing), (x,)
+    )
+
+
+def test_extensions_keyword_only_and_defaults(backend):
+    x = torch.randn(3, 4)
+    t = torch.tensor([0, 1, 2])
+    base = logitkit.cross_entropy(x, t)
+    assert torch.equal(logitkit.cross_entropy(x, t, z_loss=0.0, softcap=None), base)
+    assert torch.equal(logitkit.cross_entropy(x, t, None, None, -100, None, "mean", 0.0), base)
+    with pytest.raises(TypeError):
+        logitkit.cross_entropy(x, t, None, None, -100, None, "mean", 0.0, 0.1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(-40, 40, width=32), min_size=2, max_size=30), st.data())
+def test_property_gradient_sums_to_zero(row, data):
+    x = torch.tensor([row], dtype=F32)
+    t = torch.tensor([data.draw(st.integers(0, len(row) - 1))])
+    g = grad(lambda z: logitkit.cross_entropy(z, t), x, torch.tensor(1.0))
+    # exact-sum test in float64 of the float32 gradient: within a few ulps of its largest entry
+    assert abs(g.double().sum().item()) <= 4 * len(row) * 2**-24 * g.abs().max().item()
+    assert oracle.ulp_error(g, oracle.cross_entropy_bwd(x, t), F32).max() <= 2 * ULPS["cross_entropy"][F32]

@@ -1,0 +1,128 @@
+"""The NUMERICS.md edge-case table, row by row, default (as torch) and with mask=."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _util import F16, F32, F64, grad
+
+import logitkit
+from logitkit.reference import oracle
+
+inf, nan = math.inf, math.nan
+OPS = ["softmax", "log_softmax"]
+
+
+def same_specials(a, b):
+    """Equal where finite up to float32 rounding, identical NaN/inf pattern."""
+    a, b = a.double(), b.double()
+    assert torch.equal(torch.isnan(a), torch.isnan(b)), (a, b)
+    assert torch.equal(torch.isinf(a) & (a > 0), torch.isinf(b) & (b > 0)), (a, b)
+    assert torch.equal(torch.isinf(a) & (a < 0), torch.isinf(b) & (b < 0)), (a, b)
+    fin = torch.isfinite(a)
+    assert oracle.ulp_error(a[fin], b[fin], F32).max(initial=0) <= 2 if fin.any() else True
+
+
+# Rows for the table: -inf among finite, all -inf, +inf present, NaN present (short and a long row each).
+ROWS = {
+    "neg_inf_among_finite": [0.5, -inf, 2.0, -1.0],
+    "all_neg_inf": [-inf, -inf, -inf, -inf],
+    "pos_inf": [0.5, inf, 2.0, -inf],
+    "nan": [0.5, nan, 2.0, -1.0],
+}
+
+
+# Each table row, in a short row and embedded in a 1025-long row.
+@pytest.mark.parametrize("case", list(ROWS))
+@pytest.mark.parametrize("V", [4, 1025])
+def test_default_semantics_as_torch(backend, case, V):
+    row = torch.full((V,), -3.0)
+    row[:4] = torch.tensor(ROWS[case])
+    if case == "all_neg_inf":
+        row[:] = -inf
+    x = torch.stack([row, torch.linspace(-2, 2, V)])
+    for op in OPS:
+        same_specials(getattr(logitkit, op)(x, dim=1), getattr(F, op)(x, 1))
+        same_specials(getattr(logitkit, op)(x, dim=1), getattr(oracle, op)(x, 1))
+    same_specials(logitkit.logsumexp(x, 1), torch.logsumexp(x, 1))
+    g = torch.linspace(-1, 1, V).expand(2, V).contiguous()
+    same_specials(grad(lambda t: logitkit.softmax(t, dim=1), x, g), grad(lambda t: F.softmax(t, 1), x, g))
+    same_specials(grad(lambda t: logitkit.log_softmax(t, dim=1), x, g), grad(lambda t: F.log_softmax(t, 1), x, g))
+    same_specials(grad(lambda t: logitkit.logsumexp(t, 1), x, g[:, 0]), grad(lambda t: torch.logsumexp(t, 1), x, g[:, 0]))
+
+
+def test_neg_inf_gets_zero_softmax_gradient(backend):
+    x = torch.tensor([[0.5, -inf, 2.0]])
+    g = grad(lambda t: logitkit.softmax(t, dim=1), x, torch.tensor([[1.0, 5.0, -1.0]]))
+    assert g[0, 1].item() == 0.0 and torch.isfinite(g).all()
+    gl = grad(lambda t: logitkit.logsumexp(t, 1), x, torch.tensor([1.0]))
+    assert gl[0, 1].item() == 0.0
+
+
+# Masks: a fully masked row, a row masking out its NaN and +inf, a row masking nothing; float32 and half.
+@pytest.mark.parametrize("dtype", [F16, F32, F64])
+def test_mask_semantics(backend, dtype):
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0], [nan, 1.0, inf, 0.0], [0.0, 1.0, -inf, 2.0], [-inf, -inf, -inf, -inf]],
+                     dtype=dtype)
+    m = torch.tensor([[False] * 4, [False, True, False, True], [True] * 4, [True] * 4])
+    sm, ls = logitkit.softmax(x, dim=1, mask=m), logitkit.log_softmax(x, dim=1, mask=m)
+    lse = logitkit.logsumexp(x, 1, mask=m)
+    assert torch.equal(sm[0], torch.zeros(4, dtype=dtype)) and (ls[0] == -inf).all() and lse[0] == -inf
+    assert torch.equal(sm[3], torch.zeros(4, dtype=dtype)) and (ls[3] == -inf).all() and lse[3] == -inf
+    for ours, ref in [(sm, oracle.softmax(x, 1, mask=m)), (ls, oracle.log_softmax(x, 1, mask=m)),
+                      (lse, oracle.logsumexp(x, 1, mask=m))]:
+        same_specials(ours, ref)
+    assert sm[1, 0] == 0 and sm[1, 2] == 0 and ls[1, 0] == -inf and ls[1, 2] == -inf
+    # gradients: 0 at masked entries and on rows without mass; finite everywhere
+    g = torch.randn(4, 4, dtype=F64).to(dtype)
+    for fn in (lambda t: logitkit.softmax(t, dim=1, mask=m), lambda t: logitkit.log_softmax(t, dim=1, mask=m)):
+        gx = grad(fn, x, g)
+        assert torch.isfinite(gx).all(), gx
+        assert (gx[~m] == 0).all() and (gx[3] == 0).all() and (gx[0] == 0).all()
+    gx = grad(lambda t: logitkit.logsumexp(t, 1, mask=m), x, g[:, 0])
+    assert torch.isfinite(gx).all() and (gx[~m] == 0).all() and (gx[3] == 0).all()
+    same_specials(gx, oracle.logsumexp_bwd(x, g[:, 0], 1, mask=m))
+
+
+def test_mask_broadcasts_and_matches_subset(backend):
+    x = torch.randn(5, 7)
+    m = torch.tensor([True, False, True, True, False, True, True])  # (V,) broadcast to (M, V)
+    sm = logitkit.softmax(x, dim=1, mask=m)
+    ref = torch.softmax(x[:, m], 1)
+    assert oracle.ulp_error(sm[:, m], ref.double(), F32).max() <= 4
+    assert (sm[:, ~m] == 0).all()
+    assert oracle.ulp_error(logitkit.logsumexp(x, 1, mask=m), oracle.logsumexp(x[:, m], 1), F32).max() <= 2
+    mc = m[:, None].expand(7, 5).t()  # a non-contiguous mask
+    assert torch.equal(logitkit.softmax(x, dim=1, mask=mc), sm)
+    assert torch.equal(logitkit.softmax(x, dim=1, mask=torch.ones(5, 7, dtype=torch.bool)), logitkit.softmax(x, dim=1))
+
+
+def test_reduced_dim_of_size_zero(backend):
+    x = torch.zeros(3, 0)
+    for op in OPS:
+        assert getattr(logitkit, op)(x, dim=1).shape == (3, 0)
+        assert getattr(logitkit, op)(x, dim=1, mask=torch.zeros(3, 0, dtype=torch.bool)).shape == (3, 0)
+    assert torch.equal(logitkit.logsumexp(x, 1), torch.full((3,), -inf))
+    assert torch.equal(logitkit.logsumexp(x, 1, mask=torch.zeros(3, 0, dtype=torch.bool)), torch.full((3,), -inf))
+
+
+def test_zero_dim_input(backend):
+    for v in (2.0, -inf):
+        x = torch.tensor(v)
+        for dim in (0, -1):
+            same_specials(logitkit.softmax(x, dim=dim), F.softmax(x, dim))
+            same_specials(logitkit.log_softmax(x, dim=dim), F.log_softmax(x, dim))
+            same_specials(logitkit.logsumexp(x, dim), torch.logsumexp(x, dim))
+    assert logitkit.softmax(torch.tensor(2.0), dim=0, mask=torch.tensor(False)).item() == 0.0
+    with pytest.raises(IndexError):
+        logitkit.softmax(torch.tensor(2.0), dim=1)
+
+
+def test_cross_entropy_edge_rows(backend):
+    x = torch.tensor([[0.0, -inf, 1.0], [-inf, 0.0, 2.0]])
+    assert torch.equal(logitkit.cross_entropy(x, torch.tensor([1, 0]), reduction="none"), torch.tensor([inf, inf]))
+    same_specials(logitkit.cross_entropy(x, torch.tensor([0, 1]), reduction="none"),
+                  F.cross_entropy(x, torch.tensor([0, 1]), reduction="none"))
+    p = torch.tensor([[0.5, 0.0, 0.5], [0.0, 0.5, 0.5]])
+    same_specials(logitkit.cross_entropy(x, p, reduction="none"), F.cross_entropy(x, p, reduction="none"))

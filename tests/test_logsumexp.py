@@ -1,0 +1,121 @@
+"""logsumexp: the mixed metric against the oracle, tuple dims, wide accumulation, gradients."""
+
+import pytest
+import torch
+from _tolerances import GRAD_SCALED, TORCH_SLACK, ULPS
+from _util import F16, F32, F64, LENGTHS, TARGET_DTYPES, grad, rows_for, worst
+
+import logitkit
+from logitkit.reference import oracle
+
+
+# Every family, row length and target dtype; near lse = 0 the mixed metric applies (NUMERICS.md).
+@pytest.mark.parametrize("V", LENGTHS)
+@pytest.mark.parametrize("dtype", TARGET_DTYPES)
+def test_accuracy_on_families(backend, dtype, V):
+    ours_err, torch_err = {}, {}
+    for name, x in oracle.input_families(dtype, V, M=rows_for(V), seed=V):
+        truth = oracle.logsumexp(x, 1, exact=name == "log_p" and V <= 33)
+        ours = logitkit.logsumexp(x, 1)
+        assert ours.dtype == dtype and ours.shape == (x.shape[0],)
+        ours_err[name] = oracle.lse_error(ours, truth, x, 1).max().item()
+        torch_err[name] = oracle.lse_error(torch.logsumexp(x, 1), truth, x, 1).max().item()
+    assert not worst(ours_err, ULPS["logsumexp"][dtype]), (ours_err, torch_err)
+    assert not worst(ours_err, {k: v + TORCH_SLACK[dtype] for k, v in torch_err.items()}), (ours_err, torch_err)
+
+
+def test_fp16_zeros_accumulate_wide(backend):
+    # torch returns inf here (its fp16 accumulator overflows); the truth is log(70000) = 11.156.
+    x = torch.zeros(70000, dtype=F16)
+    y = logitkit.logsumexp(x, 0)
+    assert y.dtype == F16 and oracle.ulp_error(y, oracle.logsumexp(x, 0), F16) <= 1
+    assert oracle.ulp_error(logitkit.logsumexp(torch.zeros(2, 4096, dtype=F16), 1), torch.full((2,), 8.317766166719343, dtype=F64), F16).max() <= 1
+
+
+# Tuple dims in several orders, negative dims, keepdim both ways, against torch float64 and the oracle.
+@pytest.mark.parametrize("dims", [0, -1, (0, 2), (2, 0), (1,), (0, 1, 2), (-1, -3)])
+@pytest.mark.parametrize("keepdim", [False, True])
+def test_dims_and_keepdim(backend, dims, keepdim):
+    x = torch.randn(3, 4, 5, dtype=F64)
+    ours = logitkit.logsumexp(x, dims, keepdim)
+    ref = torch.logsumexp(x, dims, keepdim)
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours, oracle.logsumexp(x, dims, keepdim), rtol=4 * 2**-52, atol=0)
+    g = torch.randn(ref.shape, dtype=F64)
+    torch.testing.assert_close(
+        grad(lambda t: logitkit.logsumexp(t, dims, keepdim), x, g), oracle.logsumexp_bwd(x, g, dims, keepdim),
+        rtol=16 * 2**-52, atol=0,
+    )
+    x32 = x.float()
+    assert oracle.lse_error(logitkit.logsumexp(x32, dims, keepdim), oracle.logsumexp(x32, dims, keepdim),
+                            x32, dims, keepdim).max() <= ULPS["logsumexp"][F32]
+
+
+# A non-last reduced dim and transposed/strided views give the bits of the contiguous last-dim case.
+@pytest.mark.parametrize("dtype", [F16, F32, F64])
+def test_layouts_bit_for_bit(backend, dtype):
+    base = torch.randn(4, 6, 33, dtype=F64).mul(5).to(dtype)
+    for dim in range(3):
+        xd = base.movedim(-1, dim)
+        ref = logitkit.logsumexp(xd.movedim(dim, -1).contiguous(), -1)
+        assert torch.equal(logitkit.logsumexp(xd, dim), ref), dim
+        g = torch.randn(ref.shape, dtype=F64).to(dtype)
+        ref_g = grad(lambda t: logitkit.logsumexp(t, -1), xd.movedim(dim, -1).contiguous(), g)
+        assert torch.equal(grad(lambda t: logitkit.logsumexp(t, dim), xd, g), ref_g.movedim(-1, dim)), dim
+    strided = torch.randn(8, 66, dtype=F64).to(dtype)[::2, ::2]
+    assert torch.equal(logitkit.logsumexp(strided, 1), logitkit.logsumexp(strided.contiguous(), 1))
+    assert torch.equal(logitkit.logsumexp(strided.t(), 0), logitkit.logsumexp(strided.contiguous(), 1))
+
+
+# Backward g * exp(x - lse), relative to |g| p (the NUMERICS.md scale with the lse's own g).
+@pytest.mark.parametrize("V", [1, 7, 1025])  # trivial row, short odd row, one past a power of two
+@pytest.mark.parametrize("dtype", TARGET_DTYPES)
+def test_backward_random_upstream(backend, dtype, V):
+    gen = torch.Generator().manual_seed(V)
+    ours_err, torch_err = {}, {}
+    for name, x in oracle.input_families(dtype, V, M=rows_for(V), seed=V):
+        g = torch.randn(x.shape[0], generator=gen, dtype=F64).to(dtype)
+        truth = oracle.logsumexp_bwd(x, g, 1)
+        scale = 2 * truth.abs()  # y_i (|g| + |g| sum y_j) with y = p
+        ours = grad(lambda t: logitkit.logsumexp(t, 1), x, g)
+        assert ours.dtype == dtype
+        ours_err[name] = oracle.scaled_error(ours, truth, scale, dtype).max().item()
+        torch_err[name] = oracle.scaled_error(grad(lambda t: torch.logsumexp(t, 1), x, g), truth, scale, dtype).max().item()
+    assert not worst(ours_err, GRAD_SCALED[dtype]), (ours_err, torch_err)
+    assert not worst(ours_err, {k: v + TORCH_SLACK[dtype] for k, v in torch_err.items()}), (ours_err, torch_err)
+
+
+# A single dim, a tuple of two, and all three dims.
+@pytest.mark.parametrize("dims", [1, (0, 2), (0, 1, 2)])
+def test_gradcheck_and_gradgradcheck(backend, dims):
+    x = torch.randn(3, 4, 5, dtype=F64, requires_grad=True)
+    fn = lambda t: logitkit.logsumexp(t, dims)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x,))
+    assert torch.autograd.gradgradcheck(fn, (x,))
+
+
+def test_empty_and_zero_dim(backend):
+    y = logitkit.logsumexp(torch.zeros(3, 0), 1)
+    assert y.shape == (3,) and (y == -float("inf")).all()
+    assert logitkit.logsumexp(torch.zeros(0, 4), 1).shape == (0,)
+    z = torch.tensor(2.5, requires_grad=True)
+    y0 = logitkit.logsumexp(z, 0)
+    assert y0.shape == () and y0.item() == 2.5
+    (gz,) = torch.autograd.grad(y0, z)
+    assert gz.item() == 1.0
+
+
+def test_integer_input_as_torch(backend):
+    # torch.logsumexp promotes integer inputs to the default float dtype instead of raising.
+    x = torch.arange(6).view(2, 3)
+    ref = torch.logsumexp(x, 1)
+    ours = logitkit.logsumexp(x, 1)
+    assert ours.dtype == ref.dtype
+    torch.testing.assert_close(ours, ref, rtol=2 * 2**-23, atol=0)
+
+
+def test_shift_invariance_exact_shift(backend):
+    x = (torch.randint(-50 * 1024, 50 * 1024, (16, 33)) / 1024).float()
+    # lse(x + 100) - 100 is lse(x) up to the final rounding of a + L; allow the two roundings
+    err = oracle.lse_error(logitkit.logsumexp(x + 100, 1) - 100, oracle.logsumexp(x, 1), x, 1)
+    assert err.max() <= 2 * ULPS["logsumexp"][F32] + 128  # +100 moves a + L to a 128x coarser grid

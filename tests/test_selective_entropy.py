@@ -1,0 +1,79 @@
+"""selective_log_softmax and entropy against the oracle, dtypes, gradients."""
+
+import pytest
+import torch
+from _tolerances import ENTROPY_REL_EPS, ULPS
+from _util import BF16, F16, F32, F64, TARGET_DTYPES, grad, rows_for, worst
+
+import logitkit
+from logitkit.reference import oracle
+
+
+# Short odd, one-past-power-of-two rows; every target dtype.
+@pytest.mark.parametrize("V", [7, 1025])
+@pytest.mark.parametrize("dtype", TARGET_DTYPES)
+def test_selective_log_softmax_accuracy(backend, dtype, V):
+    gen = torch.Generator().manual_seed(V)
+    errs = {}
+    for name, x in oracle.input_families(dtype, V, M=rows_for(V), seed=V):
+        idx = torch.randint(0, V, (x.shape[0], 5), generator=gen)
+        idx[:, 0] = x.double().argmax(1)  # the confident entry: log_softmax near 0
+        ours = logitkit.selective_log_softmax(x, idx)
+        assert ours.dtype == dtype and ours.shape == idx.shape
+        errs[name] = oracle.ulp_error(ours, oracle.selective_log_softmax(x, idx, -1), dtype).max().item()
+        own = logitkit.log_softmax(x, dim=-1).gather(-1, idx)
+        assert oracle.ulp_error(ours, own.double(), dtype).max() <= 1, name
+    assert not worst(errs, ULPS["selective_log_softmax"][dtype]), errs
+
+
+# dim 0 and the last dim of a 2-d input, and a middle dim of a 3-d one.
+@pytest.mark.parametrize("shape,dim", [((9, 4), 0), ((4, 9), -1), ((3, 9, 2), 1)])
+def test_selective_log_softmax_dims_and_gradcheck(backend, shape, dim):
+    x = torch.randn(shape, dtype=F64, requires_grad=True)
+    ishape = list(shape)
+    ishape[dim] = 3
+    idx = torch.randint(0, shape[dim], ishape)
+    ours = logitkit.selective_log_softmax(x, idx, dim)
+    torch.testing.assert_close(ours, torch.log_softmax(x, dim).gather(dim, idx), rtol=4 * 2**-52, atol=1e-15)
+    g = torch.randn(ishape, dtype=F64)
+    torch.testing.assert_close(grad(lambda t: logitkit.selective_log_softmax(t, idx, dim), x, g),
+                               oracle.selective_log_softmax_bwd(x, idx, g, dim), rtol=1e-12, atol=1e-15)
+    assert torch.autograd.gradcheck(lambda t: logitkit.selective_log_softmax(t, idx, dim), (x,))
+
+
+# Entropy: fp32 result for half inputs, the input dtype otherwise; relative accuracy against the oracle.
+@pytest.mark.parametrize("V", [1, 7, 1025])
+@pytest.mark.parametrize("dtype", [F16, BF16, F32, F64])
+def test_entropy_accuracy_and_dtype(backend, dtype, V):
+    out_dtype = F32 if dtype in (F16, BF16) else dtype
+    errs = {}
+    for name, x in oracle.input_families(dtype, V, M=rows_for(V), seed=V):
+        ours = logitkit.entropy(x)
+        assert ours.dtype == out_dtype and ours.shape == (x.shape[0],)
+        truth = oracle.entropy(x, -1)
+        rel = (ours.double() - truth).abs() / torch.maximum(truth.abs(), torch.full_like(truth, 1e-30))
+        errs[name] = (rel / torch.finfo(out_dtype).eps).max().item()
+    assert not worst(errs, ENTROPY_REL_EPS), errs
+
+
+def test_entropy_known_values(backend):
+    assert logitkit.entropy(torch.zeros(4, 8)).allclose(torch.full((4,), torch.log(torch.tensor(8.0)).item()))
+    assert torch.equal(logitkit.entropy(torch.tensor([[3.0]])), torch.zeros(1))
+    y = logitkit.entropy(torch.tensor([[0.0, -float("inf"), 0.0]]))  # 0 log 0 = 0
+    assert torch.isfinite(y).all() and abs(y.item() - 0.6931471805599453) <= 1e-6
+
+
+# The last dim and a leading dim of a 3-d input.
+@pytest.mark.parametrize("dim", [-1, 0])
+def test_entropy_gradcheck_and_backward(backend, dim):
+    x = torch.randn(3, 4, 5, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: logitkit.entropy(t, dim), (x,))
+    g = torch.randn(logitkit.entropy(x, dim).shape, dtype=F64)
+    torch.testing.assert_close(grad(lambda t: logitkit.entropy(t, dim), x, g), oracle.entropy_bwd(x, g, dim),
+                               rtol=1e-10, atol=1e-14)
+    x32 = torch.randn(4, 33) * 5
+    g32 = torch.randn(4)
+    truth = oracle.entropy_bwd(x32, g32, -1)
+    ours = grad(lambda t: logitkit.entropy(t), x32, g32)
+    scale = oracle.softmax(x32, -1) * (1 - oracle.log_softmax(x32, -1)).abs() * g32.double().abs()[:, None] * 4
+    assert oracle.scaled_error(ours, truth, scale, F32).max() <= 64

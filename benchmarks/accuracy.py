@@ -37,6 +37,7 @@ FULL_SIZES = ((1, 256), (2, 256), (3, 256), (7, 256), (8, 256), (33, 256), (1024
 _FP32_TARGETS = {"softmax": 4.0, "log_softmax": 2.0, "cross_entropy": 2.0, "logsumexp": 2.0}
 HALF_TARGET = 1.0
 
+
 def target(op: str, out_dtype: torch.dtype) -> float:
     return _FP32_TARGETS[op] if out_dtype == torch.float32 else HALF_TARGET
 
@@ -49,9 +50,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def _scipy_fn(op: str):
     from scipy import special
 
-    return {"softmax": lambda a: special.softmax(a, axis=-1),
-            "log_softmax": lambda a: special.log_softmax(a, axis=-1),
-            "logsumexp": lambda a: special.logsumexp(a, axis=-1)}.get(op)
+    return {
+        "softmax": lambda a: special.softmax(a, axis=-1),
+        "log_softmax": lambda a: special.log_softmax(a, axis=-1),
+        "logsumexp": lambda a: special.logsumexp(a, axis=-1),
+    }.get(op)
 
 
 def _gather(t: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -63,15 +66,19 @@ def _compute(impl: str, op: str, x: torch.Tensor, target: torch.Tensor) -> torch
     import logitkit
 
     if impl == "logitkit":
-        return {"softmax": lambda: logitkit.softmax(x, dim=-1),
-                "log_softmax": lambda: logitkit.log_softmax(x, dim=-1),
-                "logsumexp": lambda: logitkit.logsumexp(x, -1),
-                "cross_entropy": lambda: logitkit.cross_entropy(x, target, reduction="none")}[op]()
+        return {
+            "softmax": lambda: logitkit.softmax(x, dim=-1),
+            "log_softmax": lambda: logitkit.log_softmax(x, dim=-1),
+            "logsumexp": lambda: logitkit.logsumexp(x, -1),
+            "cross_entropy": lambda: logitkit.cross_entropy(x, target, reduction="none"),
+        }[op]()
     if impl == "torch":
-        return {"softmax": lambda: torch.softmax(x, dim=-1),
-                "log_softmax": lambda: torch.log_softmax(x, dim=-1),
-                "logsumexp": lambda: torch.logsumexp(x, -1),
-                "cross_entropy": lambda: torch.nn.functional.cross_entropy(x, target, reduction="none")}[op]()
+        return {
+            "softmax": lambda: torch.softmax(x, dim=-1),
+            "log_softmax": lambda: torch.log_softmax(x, dim=-1),
+            "logsumexp": lambda: torch.logsumexp(x, -1),
+            "cross_entropy": lambda: torch.nn.functional.cross_entropy(x, target, reduction="none"),
+        }[op]()
     if impl == "naive":
         if op == "log_softmax":
             return torch.log(torch.softmax(x, dim=-1))
@@ -84,8 +91,9 @@ def _compute(impl: str, op: str, x: torch.Tensor, target: torch.Tensor) -> torch
             return None
         with np.errstate(all="ignore"):
             out = np.asarray(fn(x.numpy()))
-        return torch.from_numpy(out.astype(np.float32, copy=False)).reshape(x.shape[:-1] if op == "logsumexp"
-                                                                            else x.shape)
+        return torch.from_numpy(out.astype(np.float32, copy=False)).reshape(
+            x.shape[:-1] if op == "logsumexp" else x.shape
+        )
     raise ValueError(f"unknown implementation {impl!r}")
 
 
@@ -114,8 +122,7 @@ def _summary(errors: np.ndarray) -> dict:
         return {"max": None, "p999": None, "n": 0}
     nan = np.isnan(errors)
     clean = np.where(nan, np.inf, errors)  # a NaN error (NaN where truth is a number) is the worst case
-    return {"max": float(clean.max()), "p999": float(np.quantile(clean, 0.999, method="higher")),
-            "n": int(errors.size)}
+    return {"max": float(clean.max()), "p999": float(np.quantile(clean, 0.999, method="higher")), "n": int(errors.size)}
 
 
 @dataclass
@@ -133,8 +140,14 @@ def run(*, quick: bool, console: Console, seed: int = 0) -> dict:
     rows = []  # one per (op, dtype, family, V)
     groups: dict[tuple[str, str, str], _Group] = {}
     work = [(dtype, V, M) for dtype in DTYPES for V, M in sizes]
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=False) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
         task = progress.add_task("accuracy", total=len(work))
         for dtype, V, M in work:
             progress.update(task, description=f"accuracy {_dtype_name(dtype)} V={V}")
@@ -144,8 +157,14 @@ def run(*, quick: bool, console: Console, seed: int = 0) -> dict:
                 softmax_truth = oracle.softmax(x, -1)
                 for op in OPS:
                     truth = softmax_truth if op == "softmax" else _truth(oracle, op, x, target_idx)
-                    row = {"op": op, "dtype": _dtype_name(dtype), "family": family, "V": V,
-                           "M": int(x.numel() // max(V, 1)), "impl": {}}
+                    row = {
+                        "op": op,
+                        "dtype": _dtype_name(dtype),
+                        "family": family,
+                        "V": V,
+                        "M": int(x.numel() // max(V, 1)),
+                        "impl": {},
+                    }
                     group = groups.setdefault((op, _dtype_name(dtype), family), _Group({}, {}))
                     for impl in IMPLS:
                         try:
@@ -184,8 +203,15 @@ def run(*, quick: bool, console: Console, seed: int = 0) -> dict:
     family_order = list(dict.fromkeys(family for _, _, family in groups))
     dtype_order = [_dtype_name(d) for d in DTYPES]
     summary.sort(key=lambda e: (OPS.index(e["op"]), dtype_order.index(e["dtype"]), family_order.index(e["family"])))
-    return {"kind": "accuracy", "meta": harness.metadata("cpu"), "quick": quick, "sizes": sizes,
-            "headline": headline(), "summary": summary, "rows": rows}
+    return {
+        "kind": "accuracy",
+        "meta": harness.metadata("cpu"),
+        "quick": quick,
+        "sizes": sizes,
+        "headline": headline(),
+        "summary": summary,
+        "rows": rows,
+    }
 
 
 def headline() -> dict:
@@ -195,8 +221,11 @@ def headline() -> dict:
 
     x = torch.tensor([[0.0, -20.0]])
     target_idx = torch.tensor([0])
-    result = {"log_softmax_truth": float(oracle.log_softmax(x, -1)[0, 0]),
-              "cross_entropy_truth": float(oracle.cross_entropy(x, target_idx)), "grad_sum_truth": 0.0}
+    result = {
+        "log_softmax_truth": float(oracle.log_softmax(x, -1)[0, 0]),
+        "cross_entropy_truth": float(oracle.cross_entropy(x, target_idx)),
+        "grad_sum_truth": 0.0,
+    }
     for name, log_softmax, cross_entropy in [
         ("logitkit", logitkit.log_softmax, logitkit.cross_entropy),
         ("torch", torch.log_softmax, torch.nn.functional.cross_entropy),
@@ -211,11 +240,13 @@ def headline() -> dict:
 
 
 def headline_text(h: dict) -> str:
-    return (f"float32 log_softmax([0,-20])[0]: logitkit {h['log_softmax_logitkit']:.8g}, "
-            f"torch {h['log_softmax_torch']:.8g}, truth {h['log_softmax_truth']:.8g} | "
-            f"cross_entropy(target 0): logitkit {h['cross_entropy_logitkit']:.8g}, "
-            f"torch {h['cross_entropy_torch']:.8g}, truth {h['cross_entropy_truth']:.8g} | "
-            f"gradient sum: logitkit {h['grad_sum_logitkit']:.3g}, torch {h['grad_sum_torch']:.3g}")
+    return (
+        f"float32 log_softmax([0,-20])[0]: logitkit {h['log_softmax_logitkit']:.8g}, "
+        f"torch {h['log_softmax_torch']:.8g}, truth {h['log_softmax_truth']:.8g} | "
+        f"cross_entropy(target 0): logitkit {h['cross_entropy_logitkit']:.8g}, "
+        f"torch {h['cross_entropy_torch']:.8g}, truth {h['cross_entropy_truth']:.8g} | "
+        f"gradient sum: logitkit {h['grad_sum_logitkit']:.3g}, torch {h['grad_sum_torch']:.3g}"
+    )
 
 
 # ------------------------------------------------------------------------------------------- rendering
@@ -232,10 +263,15 @@ def _fmt(value: float | None) -> str:
 
 
 def table(payload: dict) -> Table:
-    t = Table(title=f"logitkit accuracy ({'quick' if payload['quick'] else 'full'}): max / p99.9 error in ulps "
-                    "of the output dtype")
-    for name, justify in [("op", "left"), ("dtype", "left"), ("family", "left"), ("target", "right")] + [
-            (impl, "right") for impl in IMPLS] + [("", "center")]:
+    t = Table(
+        title=f"logitkit accuracy ({'quick' if payload['quick'] else 'full'}): max / p99.9 error in ulps "
+        "of the output dtype"
+    )
+    for name, justify in (
+        [("op", "left"), ("dtype", "left"), ("family", "left"), ("target", "right")]
+        + [(impl, "right") for impl in IMPLS]
+        + [("", "center")]
+    ):
         t.add_column(name, justify=justify)
     previous = None
     for entry in payload["summary"]:
@@ -268,7 +304,7 @@ def plot(payload: dict, path: str) -> None:
     fig = Figure(figsize=(max(8.0, 0.45 * len(groups) + 2), 3.2 * len(dtypes)), layout="constrained")
     axes = fig.subplots(len(dtypes), 1, squeeze=False)[:, 0]
     width = 0.8 / len(IMPLS)
-    for ax, dtype in zip(axes, dtypes):
+    for ax, dtype in zip(axes, dtypes, strict=True):
         by_group = {(e["op"], e["family"]): e for e in payload["summary"] if e["dtype"] == dtype}
         for k, impl in enumerate(IMPLS):
             xs, ys = [], []
@@ -288,6 +324,8 @@ def plot(payload: dict, path: str) -> None:
         ax.set_xticks(range(len(groups)), [f"{op}/{family}" for op, family in groups], fontsize=6, rotation=90)
     axes[0].legend(fontsize=7, ncols=len(IMPLS))
     meta = payload["meta"]
-    fig.suptitle(f"logitkit accuracy (black: target; 0 drawn at {floor}, inf at {cap:g}), torch {meta['torch']}, "
-                 f"{meta['date']}", fontsize=9)
+    fig.suptitle(
+        f"logitkit accuracy (black: target; 0 drawn at {floor}, inf at {cap:g}), torch {meta['torch']}, {meta['date']}",
+        fontsize=9,
+    )
     fig.savefig(path, dpi=110)

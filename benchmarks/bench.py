@@ -34,13 +34,19 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def run(*, device: str, quick: bool, ops: tuple[str, ...] | None, shape_names: tuple[str, ...] | None,
-        provider_names: tuple[str, ...] | None, console: Console) -> dict:
+def run(
+    *,
+    device: str,
+    quick: bool,
+    ops: tuple[str, ...] | None,
+    shape_names: tuple[str, ...] | None,
+    provider_names: tuple[str, ...] | None,
+    console: Console,
+) -> dict:
     """Measure every (shape, op, mode, provider) case; return the JSON payload."""
     chosen = _shapes.select(device, quick, ops, shape_names)
     if not chosen:
-        raise ValueError(f"no benchmark shapes for device={device!r}, quick={quick}, ops={ops}, "
-                         f"shapes={shape_names}")
+        raise ValueError(f"no benchmark shapes for device={device!r}, quick={quick}, ops={ops}, shapes={shape_names}")
     skipped = []
     active = []
     for provider in _providers.PROVIDERS:
@@ -54,14 +60,21 @@ def run(*, device: str, quick: bool, ops: tuple[str, ...] | None, shape_names: t
             console.print(f"[yellow]skipping provider {provider.name}: {reason}[/]")
 
     copy = harness.copy_bandwidth(device, quick)
-    console.print(f"copy bandwidth ({device}, {copy['bytes'] >> 20} MiB bf16, read+write): "
-                  f"{copy['tb_s'] * 1e3:.1f} GB/s")
+    console.print(
+        f"copy bandwidth ({device}, {copy['bytes'] >> 20} MiB bf16, read+write): {copy['tb_s'] * 1e3:.1f} GB/s"
+    )
 
     cases = [_Case(s, op, mode, p.name) for s in chosen for op in s.ops for mode in s.modes for p in active]
     rows = []
     budget_s = 0.3 if quick else 3.0
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=False) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
         task = progress.add_task("timing", total=len(cases))
         inputs, inputs_for = None, None
         for case in cases:
@@ -72,25 +85,46 @@ def run(*, device: str, quick: bool, ops: tuple[str, ...] | None, shape_names: t
                 gc.collect()
                 inputs = _providers.make_inputs(shape.M, shape.V, shape.dtype, device)
                 inputs_for = shape.name
-            row = {"shape": shape.name, "M": shape.M, "V": shape.V, "dtype": _dtype_name(shape.dtype),
-                   "device": device, "op": case.op, "mode": case.mode, "provider": case.provider,
-                   "ideal_bytes": harness.ideal_bytes(case.op, case.mode, shape.M, shape.V, shape.dtype),
-                   "median_ms": None, "p20_ms": None, "p80_ms": None, "reps": None, "tb_s": None,
-                   "frac_copy": None, "peak_extra_bytes": None, "ratio_vs_torch": None, "error": None}
+            row = {
+                "shape": shape.name,
+                "M": shape.M,
+                "V": shape.V,
+                "dtype": _dtype_name(shape.dtype),
+                "device": device,
+                "op": case.op,
+                "mode": case.mode,
+                "provider": case.provider,
+                "ideal_bytes": harness.ideal_bytes(case.op, case.mode, shape.M, shape.V, shape.dtype),
+                "median_ms": None,
+                "p20_ms": None,
+                "p80_ms": None,
+                "reps": None,
+                "tb_s": None,
+                "frac_copy": None,
+                "peak_extra_bytes": None,
+                "ratio_vs_torch": None,
+                "error": None,
+            }
             try:
                 step = _providers.BY_NAME[case.provider].build(case.op, case.mode, inputs)
             except Exception as exc:  # noqa: BLE001 - a peer that cannot build this case is reported, not fatal
                 step, row["error"] = None, f"{type(exc).__name__}: {exc}"
             if step is None:
                 if row["error"] is None:
-                    skipped.append({"provider": case.provider, "shape": shape.name, "op": case.op,
-                                    "mode": case.mode, "reason": "op/mode not offered"})
+                    skipped.append(
+                        {
+                            "provider": case.provider,
+                            "shape": shape.name,
+                            "op": case.op,
+                            "mode": case.mode,
+                            "reason": "op/mode not offered",
+                        }
+                    )
                     progress.advance(task)
                     continue
             else:
                 try:
-                    timing = (harness.time_cuda(step, quick) if device == "cuda"
-                              else harness.time_cpu(step, budget_s))
+                    timing = harness.time_cuda(step, quick) if device == "cuda" else harness.time_cpu(step, budget_s)
                     row.update(timing)
                     row["tb_s"] = row["ideal_bytes"] / (row["median_ms"] * 1e-3) / 1e12
                     row["frac_copy"] = row["tb_s"] / copy["tb_s"]
@@ -108,9 +142,9 @@ def run(*, device: str, quick: bool, ops: tuple[str, ...] | None, shape_names: t
             measured = [r for r in rows if r["error"] is None]
             task = progress.add_task("peak memory (fresh subprocess)", total=1)
             results = harness.cpu_peak_memory(
-                [{"shape": r["shape"], "op": r["op"], "mode": r["mode"], "provider": r["provider"]}
-                 for r in measured])
-            for row, result in zip(measured, results):
+                [{"shape": r["shape"], "op": r["op"], "mode": r["mode"], "provider": r["provider"]} for r in measured]
+            )
+            for row, result in zip(measured, results, strict=True):
                 row["peak_extra_bytes"] = result["peak_extra_bytes"]
                 if result["error"]:
                     row["memory_error"] = result["error"]
@@ -121,8 +155,14 @@ def run(*, device: str, quick: bool, ops: tuple[str, ...] | None, shape_names: t
         ref = torch_ms.get((row["shape"], row["op"], row["mode"]))
         if ref and row["median_ms"] is not None:
             row["ratio_vs_torch"] = row["median_ms"] / ref
-    return {"kind": "bench", "meta": harness.metadata(device), "copy": copy,
-            "providers": [p.name for p in active], "skipped": skipped, "rows": rows}
+    return {
+        "kind": "bench",
+        "meta": harness.metadata(device),
+        "copy": copy,
+        "providers": [p.name for p in active],
+        "skipped": skipped,
+        "rows": rows,
+    }
 
 
 def _fmt_bytes(n: int | None) -> str:
@@ -131,14 +171,29 @@ def _fmt_bytes(n: int | None) -> str:
 
 def table(payload: dict) -> Table:
     device = payload["meta"]["device"]
-    title = (f"logitkit bench on {payload['meta']['gpu'] or payload['meta']['cpu']} "
-             f"({payload['meta']['torch_threads']} threads)" if device == "cpu"
-             else f"logitkit bench on {payload['meta']['gpu']}")
-    t = Table(title=title, caption=f"copy {payload['copy']['tb_s'] * 1e3:.1f} GB/s; ratio = median / torch "
-                                   f"median (bar: logitkit <= {CPU_RATIO_BAR:g}x torch at the issue shape)")
-    for name, justify in [("shape", "left"), ("op", "left"), ("mode", "left"), ("provider", "left"),
-                          ("median ms", "right"), ("p20-p80 ms", "right"), ("GB/s", "right"),
-                          ("% copy", "right"), ("peak extra MiB", "right"), ("x torch", "right")]:
+    title = (
+        f"logitkit bench on {payload['meta']['gpu'] or payload['meta']['cpu']} "
+        f"({payload['meta']['torch_threads']} threads)"
+        if device == "cpu"
+        else f"logitkit bench on {payload['meta']['gpu']}"
+    )
+    t = Table(
+        title=title,
+        caption=f"copy {payload['copy']['tb_s'] * 1e3:.1f} GB/s; ratio = median / torch "
+        f"median (bar: logitkit <= {CPU_RATIO_BAR:g}x torch at the issue shape)",
+    )
+    for name, justify in [
+        ("shape", "left"),
+        ("op", "left"),
+        ("mode", "left"),
+        ("provider", "left"),
+        ("median ms", "right"),
+        ("p20-p80 ms", "right"),
+        ("GB/s", "right"),
+        ("% copy", "right"),
+        ("peak extra MiB", "right"),
+        ("x torch", "right"),
+    ]:
         t.add_column(name, justify=justify)
     previous = None
     for r in payload["rows"]:
@@ -154,9 +209,18 @@ def table(payload: dict) -> Table:
         ratio_text = "-" if ratio is None else f"{ratio:.2f}"
         if r["provider"] == "logitkit" and ratio is not None:
             ratio_text = f"[{'green' if ratio <= CPU_RATIO_BAR else 'red'}]{ratio_text}[/]"
-        t.add_row(label, r["op"], r["mode"], r["provider"], f"{r['median_ms']:.3f}",
-                  f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f}", f"{r['tb_s'] * 1e3:.1f}", f"{r['frac_copy'] * 100:.0f}",
-                  _fmt_bytes(r["peak_extra_bytes"]), ratio_text)
+        t.add_row(
+            label,
+            r["op"],
+            r["mode"],
+            r["provider"],
+            f"{r['median_ms']:.3f}",
+            f"{r['p20_ms']:.3f}-{r['p80_ms']:.3f}",
+            f"{r['tb_s'] * 1e3:.1f}",
+            f"{r['frac_copy'] * 100:.0f}",
+            _fmt_bytes(r["peak_extra_bytes"]),
+            ratio_text,
+        )
     return t
 
 
@@ -170,7 +234,7 @@ def plot(payload: dict, path: str) -> None:
     fig = Figure(figsize=(max(6.0, 2.2 * max(1, len(shape_names)) + 4), 4.5), layout="constrained")
     axes = fig.subplots(1, max(1, len(shape_names)), squeeze=False)[0]
     width = 0.8 / max(1, len(providers))
-    for ax, shape_name in zip(axes, shape_names):
+    for ax, shape_name in zip(axes, shape_names, strict=False):
         shape_rows = [r for r in rows if r["shape"] == shape_name]
         groups = list(dict.fromkeys((r["op"], r["mode"]) for r in shape_rows))
         for k, provider in enumerate(providers):
@@ -188,6 +252,5 @@ def plot(payload: dict, path: str) -> None:
         ax.set_ylabel("median ms")
     axes[0].legend(fontsize=8)
     meta = payload["meta"]
-    fig.suptitle(f"logitkit bench, {meta['gpu'] or meta['cpu']}, torch {meta['torch']}, {meta['date']}",
-                 fontsize=9)
+    fig.suptitle(f"logitkit bench, {meta['gpu'] or meta['cpu']}, torch {meta['torch']}, {meta['date']}", fontsize=9)
     fig.savefig(path, dpi=110)

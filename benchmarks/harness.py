@@ -41,10 +41,14 @@ from benchmarks import shapes as _shapes
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 _PASSES = {
-    ("softmax", "fwd"): 2, ("softmax", "fwd+bwd"): 5,
-    ("log_softmax", "fwd"): 2, ("log_softmax", "fwd+bwd"): 5,
-    ("logsumexp", "fwd"): 1, ("logsumexp", "fwd+bwd"): 3,
-    ("cross_entropy", "fwd"): 1, ("cross_entropy", "fwd+bwd"): 2,
+    ("softmax", "fwd"): 2,
+    ("softmax", "fwd+bwd"): 5,
+    ("log_softmax", "fwd"): 2,
+    ("log_softmax", "fwd+bwd"): 5,
+    ("logsumexp", "fwd"): 1,
+    ("logsumexp", "fwd+bwd"): 3,
+    ("cross_entropy", "fwd"): 1,
+    ("cross_entropy", "fwd+bwd"): 2,
 }
 
 
@@ -101,6 +105,8 @@ def metadata(device: str) -> dict:
         "scipy": _version("scipy"),
         "logitkit": getattr(logitkit, "__version__", None),
         "platform": platform.platform(),
+        # CPU timings are only as good as the machine was quiet: the 1/5/15-minute load when the run began.
+        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
 
 
@@ -129,15 +135,20 @@ def time_cpu(step, budget_s: float, min_reps: int = 3, max_reps: int = 50) -> di
         elapsed = time.perf_counter() - start
         times.append(elapsed * 1e3)
         spent += elapsed
-    return {"median_ms": statistics.median(times), "p20_ms": _percentile(times, 0.2),
-            "p80_ms": _percentile(times, 0.8), "reps": len(times)}
+    return {
+        "median_ms": statistics.median(times),
+        "p20_ms": _percentile(times, 0.2),
+        "p80_ms": _percentile(times, 0.8),
+        "reps": len(times),
+    }
 
 
 def time_cuda(step, quick: bool) -> dict:
     from triton.testing import do_bench
 
-    median, p20, p80 = do_bench(step, warmup=10 if quick else 25, rep=30 if quick else 100,
-                                quantiles=[0.5, 0.2, 0.8], return_mode="median")
+    median, p20, p80 = do_bench(
+        step, warmup=10 if quick else 25, rep=30 if quick else 100, quantiles=[0.5, 0.2, 0.8], return_mode="median"
+    )
     return {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "reps": None}
 
 
@@ -146,11 +157,17 @@ def copy_bandwidth(device: str, quick: bool) -> dict:
     nbytes = (64 << 20 if quick else 1 << 30) if device == "cuda" else (16 << 20 if quick else 256 << 20)
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).fill_(1.0)
     dst = torch.empty_like(src)
-    step = lambda: dst.copy_(src)  # noqa: E731
+
+    def step():
+        dst.copy_(src)
+
     timing = time_cuda(step, quick) if device == "cuda" else time_cpu(step, 0.2 if quick else 1.0, min_reps=5)
-    del src, dst
-    return {"bytes": nbytes, "moved_bytes": 2 * nbytes, "median_ms": timing["median_ms"],
-            "tb_s": 2 * nbytes / (timing["median_ms"] * 1e-3) / 1e12}
+    return {
+        "bytes": nbytes,
+        "moved_bytes": 2 * nbytes,
+        "median_ms": timing["median_ms"],
+        "tb_s": 2 * nbytes / (timing["median_ms"] * 1e-3) / 1e12,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ memory
@@ -217,10 +234,17 @@ def cpu_peak_memory(cases: list[dict]) -> list[dict]:
     package_parent = str(Path(logitkit.__file__).resolve().parents[1])
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
-        [str(REPO_ROOT), package_parent] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        [str(REPO_ROOT), package_parent] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
     spec = json.dumps({"threads": torch.get_num_threads(), "cases": cases})
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.harness", "--memory-worker"], input=spec,
-                          capture_output=True, text=True, cwd=REPO_ROOT, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.harness", "--memory-worker"],
+        input=spec,
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=env,
+    )
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         reason = f"memory worker failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}"

@@ -8,8 +8,8 @@ does not offer that op/mode (the row is skipped and said so, never silently drop
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -77,12 +77,17 @@ def _always(device: str) -> str | None:
 def _logitkit_build(op: str, mode: str, inp: Inputs) -> Step | None:
     import logitkit
 
-    return _steps({
-        "softmax": lambda x, t: logitkit.softmax(x, dim=-1),
-        "log_softmax": lambda x, t: logitkit.log_softmax(x, dim=-1),
-        "logsumexp": lambda x, t: logitkit.logsumexp(x, -1),
-        "cross_entropy": lambda x, t: logitkit.cross_entropy(x, t),
-    }, op, mode, inp)
+    return _steps(
+        {
+            "softmax": lambda x, t: logitkit.softmax(x, dim=-1),
+            "log_softmax": lambda x, t: logitkit.log_softmax(x, dim=-1),
+            "logsumexp": lambda x, t: logitkit.logsumexp(x, -1),
+            "cross_entropy": lambda x, t: logitkit.cross_entropy(x, t),
+        },
+        op,
+        mode,
+        inp,
+    )
 
 
 # --- torch eager ----------------------------------------------------------------------------------------
@@ -128,10 +133,15 @@ def _liger_build(op: str, mode: str, inp: Inputs) -> Step | None:
     ce = LigerCrossEntropyLoss()
     # Liger's cross-entropy writes the gradient into the logits during the forward: the benchmark's x is
     # overwritten by bounded gradient values, which keeps the timing meaningful (same shape, finite values).
-    return _steps({
-        "softmax": lambda x, t: LigerSoftmaxFunction.apply(x),
-        "cross_entropy": lambda x, t: ce(x, t),
-    }, op, mode, inp)
+    return _steps(
+        {
+            "softmax": lambda x, t: LigerSoftmaxFunction.apply(x),
+            "cross_entropy": lambda x, t: ce(x, t),
+        },
+        op,
+        mode,
+        inp,
+    )
 
 
 # --- SciPy (CPU, forward only, float32/float64 only: NumPy has no bfloat16) ------------------------------

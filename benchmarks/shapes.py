@@ -64,6 +64,7 @@ def select(device: str, quick: bool, ops: tuple[str, ...] | None = None, names: 
             continue
         shape_ops = tuple(op for op in shape.ops if ops is None or op in ops)
         if shape_ops:
-            chosen.append(Shape(shape.name, shape.M, shape.V, shape.dtype, shape.device, shape_ops, shape.modes,
-                                shape.quick))
+            chosen.append(
+                Shape(shape.name, shape.M, shape.V, shape.dtype, shape.device, shape_ops, shape.modes, shape.quick)
+            )
     return chosen

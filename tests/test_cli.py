@@ -60,8 +60,11 @@ def test_accuracy_headline(accuracy_run):
 
 def test_accuracy_quick_meets_targets(accuracy_run):
     code, _, payload, _ = accuracy_run
-    failed = [(e["op"], e["dtype"], e["family"], e["impl"]["logitkit"]["max"], e["target"])
-              for e in payload["summary"] if not e["pass"]]
+    failed = [
+        (e["op"], e["dtype"], e["family"], e["impl"]["logitkit"]["max"], e["target"])
+        for e in payload["summary"]
+        if not e["pass"]
+    ]
     assert not failed, f"logitkit over its NUMERICS.md target (op, dtype, family, max ulps, target): {failed}"
     assert code == 0
 
@@ -79,7 +82,11 @@ def test_bench_quick_writes_rows(tmp_path, capsys):
     rows = payload["rows"]
     assert {r["provider"] for r in rows} >= {"logitkit", "torch"}
     assert {(r["op"], r["mode"]) for r in rows if r["provider"] == "logitkit"} >= {
-        ("softmax", "fwd"), ("softmax", "fwd+bwd"), ("cross_entropy", "fwd"), ("cross_entropy", "fwd+bwd")}
+        ("softmax", "fwd"),
+        ("softmax", "fwd+bwd"),
+        ("cross_entropy", "fwd"),
+        ("cross_entropy", "fwd+bwd"),
+    }
     for r in rows:
         assert r["error"] is None, r
         assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
@@ -94,8 +101,9 @@ def test_bench_quick_writes_rows(tmp_path, capsys):
 
 def test_bench_op_filter(tmp_path, capsys):
     json_path = tmp_path / "bench.json"
-    code = main(["bench", "--quick", "--device", "cpu", "--op", "logsumexp", "--provider", "logitkit",
-                 "--json", str(json_path)])
+    code = main(
+        ["bench", "--quick", "--device", "cpu", "--op", "logsumexp", "--provider", "logitkit", "--json", str(json_path)]
+    )
     assert code == 0, capsys.readouterr().out
     rows = json.loads(json_path.read_text())["rows"]
     assert {r["op"] for r in rows} == {"logsumexp"}

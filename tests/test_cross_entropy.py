@@ -6,12 +6,12 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from _tolerances import F64_PARITY, REDUCED_REL_EPS, TORCH_SLACK, ULPS
-from _util import BF16, F16, F32, F64, LENGTHS, TARGET_DTYPES, grad, rows_for, worst
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import logitkit
+from _tolerances import F64_PARITY, REDUCED_REL_EPS, TORCH_SLACK, ULPS
+from _util import BF16, F16, F32, F64, LENGTHS, TARGET_DTYPES, grad, rows_for, worst
 from logitkit.reference import oracle
 
 
@@ -47,8 +47,10 @@ def test_torch_parity_float64(backend, shape, reduction, label_smoothing, weight
     torch.testing.assert_close(ours, ref, **F64_PARITY, equal_nan=True)
     go = torch.rand(ref.shape, dtype=F64, generator=gen)
     torch.testing.assert_close(
-        grad(lambda z: logitkit.cross_entropy(z, t, **kw), x, go), grad(lambda z: F.cross_entropy(z, t, **kw), x, go),
-        rtol=1e-10, atol=1e-14,
+        grad(lambda z: logitkit.cross_entropy(z, t, **kw), x, go),
+        grad(lambda z: F.cross_entropy(z, t, **kw), x, go),
+        rtol=1e-10,
+        atol=1e-14,
     )
 
 
@@ -103,10 +105,10 @@ def test_backward_random_upstream(backend, dtype, V):
         t[::2] = torch.randint(0, V, t[::2].shape, generator=gen)
         go = torch.rand(x.shape[0], generator=gen, dtype=F64).float()
         truth = oracle.cross_entropy_bwd(x, t, go, reduction="none")
-        ours = grad(lambda z: logitkit.cross_entropy(z, t, reduction="none"), x, go)
+        ours = grad(lambda z, t=t: logitkit.cross_entropy(z, t, reduction="none"), x, go)
         assert ours.dtype == dtype
         ours_err[name] = oracle.ulp_error(ours, truth, dtype).max().item()
-        ref = grad(lambda z: F.cross_entropy(z.float(), t, reduction="none"), x, go)
+        ref = grad(lambda z, t=t: F.cross_entropy(z.float(), t, reduction="none"), x, go)
         torch_err[name] = oracle.ulp_error(ref, truth, dtype).max().item()
     bound = ULPS["cross_entropy"].get(dtype, 1.0) * 2  # two roundings: the fp32 gradient, then the dtype
     assert not worst(ours_err, bound), (ours_err, torch_err)
@@ -173,11 +175,16 @@ def test_empty_batch(backend):
 def test_minus_inf_logit_at_target(backend):
     x = torch.tensor([[0.0, -math.inf, 1.0]])
     assert logitkit.cross_entropy(x, torch.tensor([1])).item() == math.inf
-    assert logitkit.cross_entropy(x, torch.tensor([2])).item() == pytest.approx(F.cross_entropy(x, torch.tensor([2])).item(), rel=1e-6)
+    assert logitkit.cross_entropy(x, torch.tensor([2])).item() == pytest.approx(
+        F.cross_entropy(x, torch.tensor([2])).item(), rel=1e-6
+    )
 
 
 # torch's legacy pairs: each maps to one reduction and warns.
-@pytest.mark.parametrize("size_average,reduce,expected", [(True, None, "mean"), (False, None, "sum"), (None, False, "none"), (False, True, "sum")])
+@pytest.mark.parametrize(
+    "size_average,reduce,expected",
+    [(True, None, "mean"), (False, None, "sum"), (None, False, "none"), (False, True, "sum")],
+)
 def test_legacy_size_average_reduce(backend, size_average, reduce, expected):
     x = torch.randn(4, 5, dtype=F64)
     t = torch.tensor([0, 1, 2, 3])
@@ -198,17 +205,29 @@ def test_kdim_equals_flattened_bit_for_bit(backend):
     assert torch.equal(ours, flat.view(2, 3, 4))
     g = torch.rand(2, 3, 4)
     gk = grad(lambda z: logitkit.cross_entropy(z, t, reduction="none"), x, g)
-    gf = grad(lambda z: logitkit.cross_entropy(z, t.reshape(-1), reduction="none"), x.movedim(1, -1).reshape(-1, 7), g.reshape(-1))
+    gf = grad(
+        lambda z: logitkit.cross_entropy(z, t.reshape(-1), reduction="none"),
+        x.movedim(1, -1).reshape(-1, 7),
+        g.reshape(-1),
+    )
     assert torch.equal(gk, gf.view(2, 3, 4, 7).movedim(-1, 1))
     nc = torch.randn(7, 6).t()  # non-contiguous (6, 7)
     tt = torch.randint(0, 7, (6,))
-    assert torch.equal(logitkit.cross_entropy(nc, tt, reduction="none"), logitkit.cross_entropy(nc.contiguous(), tt, reduction="none"))
+    assert torch.equal(
+        logitkit.cross_entropy(nc, tt, reduction="none"), logitkit.cross_entropy(nc.contiguous(), tt, reduction="none")
+    )
 
 
 # gradcheck over the target kinds and the options that change the gradient formula.
-@pytest.mark.parametrize("prob,weighted,label_smoothing,reduction", [
-    (False, False, 0.0, "mean"), (False, True, 0.2, "mean"), (False, True, 0.0, "none"), (True, True, 0.1, "sum"),
-])
+@pytest.mark.parametrize(
+    "prob,weighted,label_smoothing,reduction",
+    [
+        (False, False, 0.0, "mean"),
+        (False, True, 0.2, "mean"),
+        (False, True, 0.0, "none"),
+        (True, True, 0.1, "sum"),
+    ],
+)
 def test_gradcheck(backend, prob, weighted, label_smoothing, reduction):
     gen = torch.Generator().manual_seed(3)
     x, t, w = make_case((4, 5), prob, ignore=not prob, weighted=weighted, gen=gen)

@@ -17,10 +17,17 @@ def test_softmax_modules_match_functional(backend):
 
 
 # Each loss module option once: weights, ignore_index, every reduction, label smoothing.
-@pytest.mark.parametrize("kw", [
-    dict(), dict(weight=torch.rand(5) + 0.5), dict(ignore_index=2), dict(reduction="none"), dict(reduction="sum"),
-    dict(label_smoothing=0.2),
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(weight=torch.rand(5) + 0.5),
+        dict(ignore_index=2),
+        dict(reduction="none"),
+        dict(reduction="sum"),
+        dict(label_smoothing=0.2),
+    ],
+)
 def test_loss_modules_match_functional(backend, kw):
     x = torch.randn(6, 5, requires_grad=True)
     t = torch.tensor([0, 2, 4, 2, 1, 3])
@@ -37,9 +44,13 @@ def test_loss_modules_match_functional(backend, kw):
 def test_module_positional_order_as_torch(backend):
     w = torch.rand(5) + 0.5
     x, t = torch.randn(6, 5), torch.tensor([0, 2, 4, 2, 1, 3])
-    assert torch.equal(nn.CrossEntropyLoss(w, None, 2, None, "sum", 0.1)(x, t),
-                       logitkit.cross_entropy(x, t, w, ignore_index=2, reduction="sum", label_smoothing=0.1))
-    assert torch.equal(nn.NLLLoss(w, None, 2, None, "sum")(x, t), logitkit.nll_loss(x, t, w, ignore_index=2, reduction="sum"))
+    assert torch.equal(
+        nn.CrossEntropyLoss(w, None, 2, None, "sum", 0.1)(x, t),
+        logitkit.cross_entropy(x, t, w, ignore_index=2, reduction="sum", label_smoothing=0.1),
+    )
+    assert torch.equal(
+        nn.NLLLoss(w, None, 2, None, "sum")(x, t), logitkit.nll_loss(x, t, w, ignore_index=2, reduction="sum")
+    )
     assert isinstance(nn.CrossEntropyLoss(), torch.nn.Module)
 
 

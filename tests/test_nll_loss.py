@@ -6,10 +6,10 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from _tolerances import F64_PARITY
-from _util import BF16, F16, F32, F64, grad
 
 import logitkit
+from _tolerances import F64_PARITY
+from _util import BF16, F16, F32, F64, grad
 from logitkit.reference import oracle
 
 
@@ -37,8 +37,9 @@ def test_torch_parity_float64(backend, shape, reduction, weighted):
     torch.testing.assert_close(ours, ref, **F64_PARITY, equal_nan=True)
     torch.testing.assert_close(ours, oracle.nll_loss(x, t, **kw), **F64_PARITY, equal_nan=True)
     go = torch.rand(ref.shape, dtype=F64, generator=gen)
-    torch.testing.assert_close(grad(lambda z: logitkit.nll_loss(z, t, **kw), x, go), oracle.nll_loss_bwd(x, t, go, **kw),
-                               **F64_PARITY)
+    torch.testing.assert_close(
+        grad(lambda z: logitkit.nll_loss(z, t, **kw), x, go), oracle.nll_loss_bwd(x, t, go, **kw), **F64_PARITY
+    )
 
 
 # ignore_index values: torch's default, a real class index, and a positive sentinel beyond C.
@@ -107,4 +108,6 @@ def test_kdim_and_noncontiguous_bit_for_bit(backend):
     assert torch.equal(logitkit.nll_loss(x, t, reduction="none"), flat.view(2, 3))
     nc = torch.randn(5, 6).t()
     tt = torch.randint(0, 5, (6,))
-    assert torch.equal(logitkit.nll_loss(nc, tt, reduction="none"), logitkit.nll_loss(nc.contiguous(), tt, reduction="none"))
+    assert torch.equal(
+        logitkit.nll_loss(nc, tt, reduction="none"), logitkit.nll_loss(nc.contiguous(), tt, reduction="none")
+    )

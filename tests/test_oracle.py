@@ -111,7 +111,9 @@ def test_logsumexp_tuple_dims_and_keepdim():
     x = torch.randn(3, 4, 5, dtype=F64)
     for dims in [(0, 2), (1,), (-1, 0), (0, 1, 2)]:
         for keep in (False, True):
-            torch.testing.assert_close(oracle.logsumexp(x, dims, keep), torch.logsumexp(x, dims, keep), rtol=1e-14, atol=0)
+            torch.testing.assert_close(
+                oracle.logsumexp(x, dims, keep), torch.logsumexp(x, dims, keep), rtol=1e-14, atol=0
+            )
             g = torch.randn(torch.logsumexp(x, dims, keep).shape, dtype=F64)
             xr = x.clone().requires_grad_()
             (gx,) = torch.autograd.grad(torch.logsumexp(xr, dims, keep), xr, g)
@@ -186,8 +188,18 @@ def test_ulp_error_conventions():
 def test_input_families_shapes_and_determinism(dtype):
     a = dict(oracle.input_families(dtype, 33, M=3, seed=7))
     b = dict(oracle.input_families(dtype, 33, M=3, seed=7))
-    assert {"normal_s1", "normal_s10", "normal_s100", "offset_1e4", "dominant", "underflow_edge", "log_p",
-            "ties", "constant", "sorted_ascending"} <= set(a)
+    assert {
+        "normal_s1",
+        "normal_s10",
+        "normal_s100",
+        "offset_1e4",
+        "dominant",
+        "underflow_edge",
+        "log_p",
+        "ties",
+        "constant",
+        "sorted_ascending",
+    } <= set(a)
     for name, t in a.items():
         assert t.dtype == dtype and t.shape == (3, 33), name
         assert torch.equal(t, b[name]), name
@@ -201,6 +213,7 @@ def test_input_families_shapes_and_determinism(dtype):
 
 def test_import_has_no_side_effects():
     code = "import sys; import logitkit.reference.oracle; print('mpmath' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={"PYTHONPATH": ":".join(sys.path)})
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={"PYTHONPATH": ":".join(sys.path)}
+    )
     assert out.stdout.strip() == "False"

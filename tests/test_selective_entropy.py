@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from _tolerances import ENTROPY_REL_EPS, ULPS
-from _util import BF16, F16, F32, F64, TARGET_DTYPES, grad, rows_for, worst
 
 import logitkit
+from _tolerances import ENTROPY_REL_EPS, ULPS
+from _util import BF16, F16, F32, F64, TARGET_DTYPES, grad, rows_for, worst
 from logitkit.reference import oracle
 
 
@@ -36,8 +36,12 @@ def test_selective_log_softmax_dims_and_gradcheck(backend, shape, dim):
     ours = logitkit.selective_log_softmax(x, idx, dim)
     torch.testing.assert_close(ours, torch.log_softmax(x, dim).gather(dim, idx), rtol=4 * 2**-52, atol=1e-15)
     g = torch.randn(ishape, dtype=F64)
-    torch.testing.assert_close(grad(lambda t: logitkit.selective_log_softmax(t, idx, dim), x, g),
-                               oracle.selective_log_softmax_bwd(x, idx, g, dim), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(
+        grad(lambda t: logitkit.selective_log_softmax(t, idx, dim), x, g),
+        oracle.selective_log_softmax_bwd(x, idx, g, dim),
+        rtol=1e-12,
+        atol=1e-15,
+    )
     assert torch.autograd.gradcheck(lambda t: logitkit.selective_log_softmax(t, idx, dim), (x,))
 
 
@@ -69,8 +73,9 @@ def test_entropy_gradcheck_and_backward(backend, dim):
     x = torch.randn(3, 4, 5, dtype=F64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: logitkit.entropy(t, dim), (x,))
     g = torch.randn(logitkit.entropy(x, dim).shape, dtype=F64)
-    torch.testing.assert_close(grad(lambda t: logitkit.entropy(t, dim), x, g), oracle.entropy_bwd(x, g, dim),
-                               rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(
+        grad(lambda t: logitkit.entropy(t, dim), x, g), oracle.entropy_bwd(x, g, dim), rtol=1e-10, atol=1e-14
+    )
     x32 = torch.randn(4, 33) * 5
     g32 = torch.randn(4)
     truth = oracle.entropy_bwd(x32, g32, -1)

@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _tolerances import GRAD_SCALED, TORCH_SLACK, ULPS
-from _util import BF16, F16, F32, F64, LENGTHS, TARGET_DTYPES, grad, rows_for, worst
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import logitkit
+from _tolerances import GRAD_SCALED, TORCH_SLACK, ULPS
+from _util import BF16, F16, F32, F64, LENGTHS, TARGET_DTYPES, grad, rows_for, worst
 from logitkit.reference import oracle
 
 OPS = ["softmax", "log_softmax"]
@@ -87,7 +87,9 @@ def test_backward_random_upstream(backend, op, dtype, V):
         ours = grad(lambda t: getattr(logitkit, op)(t, dim=1), x, g)
         assert ours.dtype == dtype
         ours_err[name] = oracle.scaled_error(ours, truth, scale, dtype).max().item()
-        torch_err[name] = oracle.scaled_error(grad(lambda t: getattr(F, op)(t, 1), x, g), truth, scale, dtype).max().item()
+        torch_err[name] = (
+            oracle.scaled_error(grad(lambda t: getattr(F, op)(t, 1), x, g), truth, scale, dtype).max().item()
+        )
     assert not worst(ours_err, GRAD_SCALED[dtype]), (ours_err, torch_err)
     assert not worst(ours_err, {k: v + TORCH_SLACK[dtype] for k, v in torch_err.items()}), (ours_err, torch_err)
 
@@ -115,7 +117,7 @@ def test_layouts_bit_for_bit(backend, op, dtype):
         assert torch.equal(fn(xd.contiguous(), dim=dim), ref), dim
         g = torch.randn(xd.shape, dtype=F64).to(dtype)
         ref_g = grad(lambda t: fn(t, dim=-1), xd.movedim(dim, -1).contiguous(), g.movedim(dim, -1).contiguous())
-        assert torch.equal(grad(lambda t: fn(t, dim=dim), xd, g), ref_g.movedim(-1, dim)), dim
+        assert torch.equal(grad(lambda t, dim=dim: fn(t, dim=dim), xd, g), ref_g.movedim(-1, dim)), dim
     strided = torch.randn(8, 66, dtype=F64).to(dtype)[::2, ::2]
     assert torch.equal(fn(strided, dim=1), fn(strided.contiguous(), dim=1))
     assert torch.equal(fn(strided.t(), dim=0), fn(strided.contiguous(), dim=1).t())
@@ -127,7 +129,9 @@ def test_dtype_argument_casts_first(backend):
         fn = getattr(logitkit, op)
         y = fn(x, dim=1, dtype=F32)
         assert y.dtype == F32 and torch.equal(y, fn(x.float(), dim=1))
-        assert torch.equal(fn(torch.arange(6).view(2, 3), dim=1, dtype=F64), fn(torch.arange(6.0, dtype=F64).view(2, 3), dim=1))
+        assert torch.equal(
+            fn(torch.arange(6).view(2, 3), dim=1, dtype=F64), fn(torch.arange(6.0, dtype=F64).view(2, 3), dim=1)
+        )
 
 
 # torch's implicit dim: 0 for 0-d, 1-d and 3-d inputs, 1 otherwise; with torch's warning.

@@ -12,10 +12,15 @@ T = torch.tensor([0, 1, 2, 3])
 # Each public op on a list, a number and None: TypeError.
 @pytest.mark.parametrize("bad", [[1.0, 2.0], 3.0, None])
 def test_non_tensor_input(bad):
-    for call in (lambda: logitkit.softmax(bad, dim=0), lambda: logitkit.log_softmax(bad, dim=0),
-                 lambda: logitkit.logsumexp(bad, 0), lambda: logitkit.cross_entropy(bad, T),
-                 lambda: logitkit.nll_loss(bad, T), lambda: logitkit.selective_log_softmax(bad, T),
-                 lambda: logitkit.entropy(bad)):
+    for call in (
+        lambda: logitkit.softmax(bad, dim=0),
+        lambda: logitkit.log_softmax(bad, dim=0),
+        lambda: logitkit.logsumexp(bad, 0),
+        lambda: logitkit.cross_entropy(bad, T),
+        lambda: logitkit.nll_loss(bad, T),
+        lambda: logitkit.selective_log_softmax(bad, T),
+        lambda: logitkit.entropy(bad),
+    ):
         with pytest.raises(TypeError):
             call()
 
@@ -39,9 +44,14 @@ def test_integer_input_needs_float_dtype(dtype):
 # Out of range positive and negative dims, for each op that takes a dim.
 @pytest.mark.parametrize("dim", [2, -3, 5])
 def test_dim_out_of_range(dim):
-    for call in (lambda: logitkit.softmax(X, dim=dim), lambda: logitkit.log_softmax(X, dim=dim),
-                 lambda: logitkit.logsumexp(X, dim), lambda: logitkit.logsumexp(X, (0, dim)),
-                 lambda: logitkit.entropy(X, dim), lambda: logitkit.selective_log_softmax(X, T[:, None], dim)):
+    for call in (
+        lambda: logitkit.softmax(X, dim=dim),
+        lambda: logitkit.log_softmax(X, dim=dim),
+        lambda: logitkit.logsumexp(X, dim),
+        lambda: logitkit.logsumexp(X, (0, dim)),
+        lambda: logitkit.entropy(X, dim),
+        lambda: logitkit.selective_log_softmax(X, T[:, None], dim),
+    ):
         with pytest.raises(IndexError):
             call()
 
@@ -53,14 +63,17 @@ def raises_naming(word, fn, exc=(ValueError, IndexError)):
 
 
 # Targets that cannot match (N, C): a wrong batch, a wrong K-dim shape, out-of-range classes, bad prob shapes.
-@pytest.mark.parametrize("target", [
-    torch.tensor([0, 1, 2]),  # batch 3 vs 4
-    torch.tensor([[0, 1, 2, 3]]),  # 2-d target for 2-d input
-    torch.tensor([0, 1, 5, 3]),  # class 5 >= C
-    torch.tensor([0, -1, 2, 3]),  # negative and not ignore_index
-    torch.rand(4, 6),  # probabilities of the wrong width
-    torch.rand(3, 5),  # probabilities of the wrong batch
-])
+@pytest.mark.parametrize(
+    "target",
+    [
+        torch.tensor([0, 1, 2]),  # batch 3 vs 4
+        torch.tensor([[0, 1, 2, 3]]),  # 2-d target for 2-d input
+        torch.tensor([0, 1, 5, 3]),  # class 5 >= C
+        torch.tensor([0, -1, 2, 3]),  # negative and not ignore_index
+        torch.rand(4, 6),  # probabilities of the wrong width
+        torch.rand(3, 5),  # probabilities of the wrong batch
+    ],
+)
 def test_bad_target(target):
     raises_naming("target", lambda: logitkit.cross_entropy(X, target))
     if not target.is_floating_point():

@@ -6,8 +6,10 @@ Nothing runs at import: no device queries, no environment reads.
 from . import functional, nn
 from ._config import get_backend, use_backend
 from .functional import (
+    CrossEntropyStats,
     LinearCrossEntropyStats,
     cross_entropy,
+    cross_entropy_with_stats,
     entropy,
     linear_cross_entropy,
     linear_cross_entropy_with_stats,
@@ -25,6 +27,8 @@ __all__ = [
     "log_softmax",
     "logsumexp",
     "cross_entropy",
+    "cross_entropy_with_stats",
+    "CrossEntropyStats",
     "nll_loss",
     "selective_log_softmax",
     "entropy",

@@ -34,27 +34,42 @@ def _default_json(kind: str, device: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="logitkit", description="Accurate softmax, log-softmax and "
-                                     "cross-entropy: accuracy report and benchmarks.")
+    parser = argparse.ArgumentParser(
+        prog="logitkit", description="Accurate softmax, log-softmax and cross-entropy: accuracy report and benchmarks."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{accuracy,bench}")
 
     acc = sub.add_parser("accuracy", help="max and p99.9 error in ulps per op, input family and dtype")
     acc.add_argument("--quick", action="store_true", help="few rows, V in {8, 1024, 32768}: under a minute")
-    acc.add_argument("--json", nargs="?", const="", metavar="PATH",
-                     help="write every row as JSON (no PATH: benchmarks/results/accuracy-cpu-<date>.json)")
+    acc.add_argument(
+        "--json",
+        nargs="?",
+        const="",
+        metavar="PATH",
+        help="write every row as JSON (no PATH: benchmarks/results/accuracy-cpu-<date>.json)",
+    )
     acc.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of the errors")
     acc.add_argument("--seed", type=int, default=0, help="seed of the input families (default 0)")
 
     bench = sub.add_parser("bench", help="median time and peak memory against torch and peers")
     bench.add_argument("--quick", action="store_true", help="tiny shapes: under a minute (CI)")
     bench.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
-    bench.add_argument("--json", nargs="?", const="", metavar="PATH",
-                       help="write every row as JSON (no PATH: benchmarks/results/bench-<device>-<date>.json)")
+    bench.add_argument(
+        "--json",
+        nargs="?",
+        const="",
+        metavar="PATH",
+        help="write every row as JSON (no PATH: benchmarks/results/bench-<device>-<date>.json)",
+    )
     bench.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of the medians")
     bench.add_argument("--op", nargs="+", choices=_OPS, help="only these ops")
     bench.add_argument("--shape", nargs="+", metavar="NAME", help="only these named shapes (benchmarks/shapes.py)")
-    bench.add_argument("--provider", nargs="+", metavar="NAME",
-                       help="only these providers (benchmarks/providers.py; torch is kept for the ratio)")
+    bench.add_argument(
+        "--provider",
+        nargs="+",
+        metavar="NAME",
+        help="only these providers (benchmarks/providers.py; torch is kept for the ratio)",
+    )
     return parser
 
 
@@ -73,8 +88,9 @@ def _accuracy(args, console) -> int:
         accuracy.plot(payload, args.plot)
         console.print(f"wrote {args.plot}")
     if failed:
-        console.print(f"[red]logitkit misses its target in {len(failed)} of {len(payload['summary'])} "
-                      "op/dtype/family cells[/]")
+        console.print(
+            f"[red]logitkit misses its target in {len(failed)} of {len(payload['summary'])} op/dtype/family cells[/]"
+        )
         return 1
     console.print(f"[green]logitkit meets every target ({len(payload['summary'])} op/dtype/family cells)[/]")
     return 0
@@ -91,17 +107,24 @@ def _bench(args, console) -> int:
         return 2
     providers = None if args.provider is None else tuple(dict.fromkeys(["torch", *args.provider]))
     try:
-        payload = bench.run(device=device, quick=args.quick, ops=None if args.op is None else tuple(args.op),
-                            shape_names=None if args.shape is None else tuple(args.shape),
-                            provider_names=providers, console=console)
+        payload = bench.run(
+            device=device,
+            quick=args.quick,
+            ops=None if args.op is None else tuple(args.op),
+            shape_names=None if args.shape is None else tuple(args.shape),
+            provider_names=providers,
+            console=console,
+        )
     except ValueError as exc:
         console.print(f"[red]{exc}[/]")
         return 2
     console.print(bench.table(payload))
     for row in payload["rows"]:
         if row["provider"] == "logitkit" and row["ratio_vs_torch"] is not None:
-            console.print(f"ratio {row['shape']} {row['op']} {row['mode']}: logitkit/torch = "
-                          f"{row['ratio_vs_torch']:.2f}", highlight=False)
+            console.print(
+                f"ratio {row['shape']} {row['op']} {row['mode']}: logitkit/torch = {row['ratio_vs_torch']:.2f}",
+                highlight=False,
+            )
     if args.json is not None:
         path = args.json or _default_json("bench", device)
         harness.write_json(path, payload)

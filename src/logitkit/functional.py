@@ -5,6 +5,8 @@ Each function validates (``_validate``), picks the backend (``_config``) and cal
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -24,6 +26,8 @@ __all__ = [
     "log_softmax",
     "logsumexp",
     "cross_entropy",
+    "cross_entropy_with_stats",
+    "CrossEntropyStats",
     "nll_loss",
     "selective_log_softmax",
     "entropy",
@@ -103,9 +107,42 @@ def _loss_common(input: Tensor, target: Tensor, weight, size_average, reduce, re
     return x, cdim, C, w, red
 
 
+class CrossEntropyStats(NamedTuple):
+    """``cross_entropy_with_stats``' result: the loss (reduced as asked, differentiable) and per-row fp32
+    ``lse`` and ``entropy`` (nats) of the (softcapped) logits' distribution, shaped like the target rows
+    and not differentiable (use :func:`entropy` for an entropy with a gradient)."""
+
+    loss: Tensor
+    lse: Tensor
+    entropy: Tensor
+
+
+def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing,
+                   z_loss, softcap, inplace_backward, with_entropy):
+    x, cdim, C, w, red = _loss_common(input, target, weight, size_average, reduce, reduction)
+    eps = check.label_smoothing(label_smoothing)
+    z = check.nonneg_float("z_loss", z_loss)
+    cap = check.softcap(softcap)
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
+    if C == 0:
+        raise ValueError("input must have at least one class (C >= 1)")
+    use_triton = _config.wants_triton(x.device.type)
+    xv = x.movedim(cdim, -1)
+    if target.dtype.is_floating_point:
+        check.prob_target(x, target)
+        return CrossEntropyProbFunction.apply(xv, target.movedim(cdim, -1), w, red, eps, z, cap, use_triton,
+                                              inplace_backward, with_entropy)
+    check.integer_target(target)
+    check.class_target_shape(x, target, cdim)
+    check.target_range(target, C, ignore_index)
+    return CrossEntropyFunction.apply(xv, target.long(), w, ignore_index, red, eps, z, cap, use_triton,
+                                      inplace_backward, with_entropy)
+
+
 def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, size_average=None,
                   ignore_index: int = -100, reduce=None, reduction: str = "mean", label_smoothing: float = 0.0,
-                  *, z_loss: float = 0.0, softcap: float | None = None) -> Tensor:
+                  *, z_loss: float = 0.0, softcap: float | None = None, inplace_backward: bool = False) -> Tensor:
     """Cross-entropy from logits, as ``torch.nn.functional.cross_entropy``.
 
     ``input`` is (C,), (N, C) or (N, C, d1, ...); ``target`` holds class indices (shape without C) or class
@@ -115,23 +152,34 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
     Returns float32 for float16/bfloat16 inputs (the one documented deviation from torch); the gradient
     comes back in the input's dtype. Extensions: ``z_loss`` adds ``z_loss * lse**2`` per counted row
     (reduced like the loss); ``softcap`` maps logits to ``softcap * tanh(logits / softcap)`` first.
+
+    On the Triton backend with reduction 'mean' or 'sum' and an input that requires grad, the gradient is
+    formed in the forward pass (logits read once, gradient written once); backward only scales it by
+    grad_output.  ``inplace_backward=True`` (Triton backend) writes that gradient over ``input``'s storage:
+    the logits are *consumed* (their values are the gradient after the call) and the loss' gradient can be
+    taken once, without ``create_graph``/``retain_graph`` (a second backward raises RuntimeError).
+    On the reference backend, and with reduction 'none', it has no effect.  Out-of-range class indices raise
+    ``IndexError`` on the CPU; on CUDA a device-side assert fires asynchronously (no host sync), so the error
+    surfaces at the next synchronising call.
     """
-    x, cdim, C, w, red = _loss_common(input, target, weight, size_average, reduce, reduction)
-    eps = check.label_smoothing(label_smoothing)
-    z = check.nonneg_float("z_loss", z_loss)
-    cap = check.softcap(softcap)
-    if C == 0:
-        raise ValueError("input must have at least one class (C >= 1)")
-    xv = x.movedim(cdim, -1)
-    if target.dtype.is_floating_point:
-        check.prob_target(x, target)
-        loss, _ = CrossEntropyProbFunction.apply(xv, target.movedim(cdim, -1), w, red, eps, z, cap)
-        return loss
-    check.integer_target(target)
-    check.class_target_shape(x, target, cdim)
-    check.target_range(target, C, ignore_index)
-    loss, _ = CrossEntropyFunction.apply(xv, target.long(), w, ignore_index, red, eps, z, cap)
+    loss, _, _ = _cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,
+                                label_smoothing, z_loss, softcap, inplace_backward, False)
     return loss
+
+
+def cross_entropy_with_stats(input: Tensor, target: Tensor, weight: Tensor | None = None, size_average=None,
+                             ignore_index: int = -100, reduce=None, reduction: str = "mean",
+                             label_smoothing: float = 0.0, *, z_loss: float = 0.0, softcap: float | None = None,
+                             inplace_backward: bool = False) -> CrossEntropyStats:
+    """:func:`cross_entropy` plus per-row fp32 ``lse`` and ``entropy``, from the same pass over the logits.
+
+    Arguments as :func:`cross_entropy`; ``lse`` and ``entropy`` have the target rows' shape ((N, d1, ...),
+    or () for an unbatched input), are computed for ignored rows too, and are not differentiable.
+    """
+    loss, lse, ent = _cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,
+                                    label_smoothing, z_loss, softcap, inplace_backward, True)
+    return CrossEntropyStats(loss, lse.float() if lse.dtype != torch.float64 else lse,
+                             ent.float() if ent.dtype != torch.float64 else ent)
 
 
 def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, size_average=None,
@@ -140,6 +188,9 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, size_a
 
     ``-weight[t] * input[t]`` per row; the mean divides by the sum of the counted rows' weights (NaN when
     every row is ignored, as torch). Returns float32 for float16/bfloat16 inputs.
+
+    Every backend runs this as a gather of one entry per row plus per-row arithmetic: there is no pass over
+    the rows for a kernel to fuse, and autograd's gather backward writes the (zero) gradient once.
     """
     x, cdim, C, w, red = _loss_common(input, target, weight, size_average, reduce, reduction)
     check.integer_target(target)
@@ -174,7 +225,8 @@ def selective_log_softmax(input: Tensor, index: Tensor, dim: int = -1) -> Tensor
     idx = check.index_tensor(x, index, d)
     if x.shape[d] == 0:
         return torch.empty(idx.shape, dtype=x.dtype, device=x.device)
-    out = SelectiveLogSoftmaxFunction.apply(x.movedim(d, -1), idx.long().movedim(d, -1))
+    use_triton = _config.wants_triton(x.device.type)
+    out = SelectiveLogSoftmaxFunction.apply(x.movedim(d, -1), idx.long().movedim(d, -1), use_triton)
     return out.movedim(-1, d)
 
 
@@ -188,7 +240,7 @@ def entropy(input: Tensor, dim: int = -1) -> Tensor:
     if x.dim() == 0:
         return torch.zeros((), dtype=loss_dtype(x.dtype), device=x.device) + 0.0 * x
     d = check.dim(dim, x.dim())
-    return EntropyFunction.apply(x.movedim(d, -1))
+    return EntropyFunction.apply(x.movedim(d, -1), _config.wants_triton(x.device.type))
 
 
 

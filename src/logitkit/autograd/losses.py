@@ -1,9 +1,16 @@
 """autograd.Functions for cross-entropy, selective log-softmax and entropy.
 
 Inputs arrive with the class dimension last (``xv``, a view); gradients are returned in that shape.
-Forward keeps per-row fp32 statistics only; backward recomputes p block by block (reference path).
+Reference path: forward keeps per-row fp32 statistics only; backward recomputes p block by block.
+Triton path (``use_triton``, fp16/bf16/fp32 inputs; float64 stays on the reference path):
+  * reduction mean/sum with an input that requires grad: the kernel forms the gradient during the forward
+    (logits read once, gradient written once; the mean's denominator is a device tensor read by the kernel);
+    backward hands that buffer over and scales it in place by grad_output on the device (free at 1.0).
+    ``inplace_backward=True`` writes the gradient over the logits' storage (they are consumed).
+  * reduction 'none', a second backward (retain_graph) and no fused buffer: recompute from the saved logits.
 Double backward (autograd asks for a graph of the backward) re-derives the gradient from a
 differentiable composite of the same math, so second derivatives are exact, never silently zero.
+A backward that would need logits consumed by ``inplace_backward=True`` raises instead of returning garbage.
 """
 
 from __future__ import annotations
@@ -42,6 +49,31 @@ def _row_grad(g: Tensor, lead: torch.Size, denom: Tensor | None, reduction: str,
     return g
 
 
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _triton():
+    from ..triton import cross_entropy as kernels
+
+    return kernels
+
+
+def _kernel_ok(use_triton: bool, xv: Tensor) -> bool:
+    return bool(use_triton) and xv.dtype in _KERNEL_DTYPES
+
+
+def _as_rows(xv: Tensor) -> Tensor:
+    """(M, V) view of (*lead, V) with unit column stride (a copy only when the layout needs one)."""
+    x2 = xv.reshape(-1, xv.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+_CONSUMED = (
+    "cross_entropy(..., inplace_backward=True) wrote the gradient over the logits: it can be taken once, "
+    "without create_graph; call it with inplace_backward=False for retain_graph or double backward"
+)
+
+
 def _log_softmax(xv: Tensor, softcap: float | None) -> tuple[Tensor, Tensor]:
     """Differentiable (log_softmax, capped logits) of the last dim, for the double-backward composite."""
     xc = xv if softcap is None else torch.tanh(xv.to(working_dtype(xv.dtype)) / softcap) * softcap
@@ -49,28 +81,98 @@ def _log_softmax(xv: Tensor, softcap: float | None) -> tuple[Tensor, Tensor]:
 
 
 class CrossEntropyFunction(torch.autograd.Function):
-    """Class-index targets. Returns (loss reduced as asked, per-row lse); lse is not differentiable."""
+    """Class-index targets. Returns (loss reduced as asked, per-row lse, per-row entropy or an empty tensor);
+    lse and entropy are not differentiable."""
 
     @staticmethod
-    def forward(ctx, xv, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap):
-        loss_rows, lse, wt = ref.ce_rows(xv, target, weight, ignore_index, label_smoothing, z_loss, softcap)
-        denom = wt.sum() if reduction == "mean" else None
+    def forward(ctx, xv, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                use_triton=False, inplace_backward=False, with_entropy=False):
         ctx.opts = (ignore_index, reduction, label_smoothing, z_loss, softcap)
-        ctx.save_for_backward(xv, target, weight, denom)
-        ctx.mark_non_differentiable(lse)
+        ctx.kernel = _kernel_ok(use_triton, xv)
+        ctx.fused_dx, ctx.consumed = None, False
         out_dtype = loss_dtype(xv.dtype)
-        return _reduce(loss_rows, denom, reduction).to(out_dtype), lse.to(out_dtype)
+        if not ctx.kernel:
+            loss_rows, lse, wt = ref.ce_rows(xv, target, weight, ignore_index, label_smoothing, z_loss, softcap)
+            denom = wt.sum() if reduction == "mean" else None
+            ent = ref.entropy_rows(ref.capped(xv, softcap)) if with_entropy else xv.new_empty(0, dtype=out_dtype)
+            ctx.save_for_backward(xv, target, weight, denom)
+            ctx.mark_non_differentiable(lse, ent)
+            return _reduce(loss_rows, denom, reduction).to(out_dtype), lse.to(out_dtype), ent.to(out_dtype)
+        lead, V = xv.shape[:-1], xv.shape[-1]
+        k = _triton()
+        x2, t2 = _as_rows(xv), target.reshape(-1).contiguous()
+        M = x2.shape[0]
+        denom = None
+        if reduction == "mean":  # sum of the counted rows' weights, on the device (no .item())
+            valid = t2 != ignore_index
+            if weight is None:
+                denom = valid.sum(dtype=torch.float32).reshape(1)
+            else:
+                t_safe = torch.where(valid, t2, torch.zeros_like(t2)).clamp_(0, V - 1)
+                wt = torch.where(valid, weight.float()[t_safe], torch.zeros((), device=xv.device))
+                denom = wt.sum().reshape(1)
+        fused = reduction != "none" and ctx.needs_input_grad[0] and M > 0
+        dx = None
+        if fused:
+            dx = x2 if inplace_backward else torch.empty((M, V), dtype=xv.dtype, device=xv.device)
+        f32 = dict(dtype=torch.float32, device=xv.device)
+        loss_rows, lse = torch.empty(M, **f32), torch.empty(M, **f32)
+        ent = torch.empty(M, **f32) if with_entropy else torch.empty(0, **f32)
+        k.ce_fwd_out(x2, t2, loss=loss_rows, lse=lse, entropy=ent if with_entropy else None, dx=dx,
+                     weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+                     softcap=softcap, denom=denom)
+        if fused:
+            ctx.fused_dx = dx
+            ctx.consumed = bool(inplace_backward)
+        # Logits overwritten by the gradient are not saved (nothing to recompute from).  The input itself is
+        # saved (not the (M, V) view) so that double backward can differentiate through it.
+        ctx.save_for_backward(None if ctx.consumed else xv, t2, weight, denom)
+        ctx.shape = xv.shape
+        ctx.mark_non_differentiable(lse, ent)
+        if reduction == "none":
+            loss = loss_rows.view(lead)
+        elif reduction == "sum":
+            loss = loss_rows.sum()
+        else:
+            loss = (loss_rows.sum() / denom).reshape(())
+        ent_out = ent.view(lead) if with_entropy else ent
+        return loss, lse.view(lead), ent_out
 
     @staticmethod
-    def backward(ctx, g, _g_lse):
+    def backward(ctx, g, _g_lse, _g_ent):
+        nones = (None,) * 10
+        if ctx.kernel:
+            return (_ce_kernel_backward(ctx, g),) + nones
         xv, target, weight, denom = ctx.saved_tensors
         ignore_index, reduction, eps, z_loss, softcap = ctx.opts
         valid = target != ignore_index
         if torch.is_grad_enabled():
-            return (_ce_double_backward(xv, target, weight, denom, ctx.opts, g, valid),) + (None,) * 7
+            return (_ce_double_backward(xv, target, weight, denom, ctx.opts, g, valid),) + nones
         gr = _row_grad(g, target.shape, denom, reduction, valid)
         dx = ref.ce_grad(xv, target, weight, ignore_index, eps, z_loss, softcap, gr, xv.dtype)
-        return (dx,) + (None,) * 7
+        return (dx,) + nones
+
+
+def _ce_kernel_backward(ctx, g: Tensor) -> Tensor:
+    xv, t2, weight, denom = ctx.saved_tensors
+    ignore_index, reduction, eps, z_loss, softcap = ctx.opts
+    k = _triton()
+    if ctx.fused_dx is not None and not torch.is_grad_enabled():
+        # Hand the forward's gradient over (no copy: autograd may keep it as .grad) and scale it by g on the
+        # device; a second backward (retain_graph) finds None here and recomputes.
+        dx, ctx.fused_dx = ctx.fused_dx, None
+        k.grad_scale_(dx, g.reshape(1).float())
+        return dx.view(ctx.shape)
+    if ctx.consumed:
+        raise RuntimeError(_CONSUMED)
+    if torch.is_grad_enabled():
+        t = t2.view(ctx.shape[:-1])
+        return _ce_double_backward(xv, t, weight, None if denom is None else denom.reshape(()), ctx.opts, g,
+                                   t != ignore_index)
+    gs = g.reshape(-1).float().contiguous() if reduction == "none" else g.reshape(1).float()
+    dx = k.ce_bwd(_as_rows(xv), t2, gs, weight=weight, ignore_index=ignore_index, label_smoothing=eps, z_loss=z_loss,
+                  softcap=softcap, denom=denom)
+    return dx.view(ctx.shape)
 
 
 def _ce_double_backward(xv, target, weight, denom, opts, g, valid):
@@ -94,85 +196,185 @@ def _ce_double_backward(xv, target, weight, denom, opts, g, valid):
 
 
 class CrossEntropyProbFunction(torch.autograd.Function):
-    """Class-probability targets (same shape as ``xv``); differentiable in ``xv`` and ``target``."""
+    """Class-probability targets (same shape as ``xv``); differentiable in ``xv`` and ``target``.
+
+    Returns (loss, per-row lse, per-row entropy or an empty tensor).  A target that requires grad keeps the
+    reference path (its gradient -(1 - eps) w log p is another (M, V) tensor; rare in practice).
+    """
 
     @staticmethod
-    def forward(ctx, xv, target, weight, reduction, label_smoothing, z_loss, softcap):
-        loss_rows, lse = ref.ce_prob_rows(xv, target, weight, label_smoothing, z_loss, softcap)
-        rows = loss_rows.numel()
+    def forward(ctx, xv, target, weight, reduction, label_smoothing, z_loss, softcap,
+                use_triton=False, inplace_backward=False, with_entropy=False):
+        rows = xv.shape[:-1].numel()
         ctx.opts = (reduction, label_smoothing, z_loss, softcap, rows)
-        ctx.save_for_backward(xv, target, weight)
-        ctx.mark_non_differentiable(lse)
+        ctx.kernel = _kernel_ok(use_triton, xv) and not ctx.needs_input_grad[1]
+        ctx.fused_dx, ctx.consumed = None, False
         out_dtype = loss_dtype(xv.dtype)
-        denom = torch.tensor(float(rows), dtype=loss_rows.dtype, device=xv.device)
-        return _reduce(loss_rows, denom, reduction).to(out_dtype), lse.to(out_dtype)
+        if not ctx.kernel:
+            loss_rows, lse = ref.ce_prob_rows(xv, target, weight, label_smoothing, z_loss, softcap)
+            ctx.save_for_backward(xv, target, weight)
+            ent = ref.entropy_rows(ref.capped(xv, softcap)) if with_entropy else xv.new_empty(0, dtype=out_dtype)
+            ctx.mark_non_differentiable(lse, ent)
+            denom = torch.tensor(float(rows), dtype=loss_rows.dtype, device=xv.device)
+            return _reduce(loss_rows, denom, reduction).to(out_dtype), lse.to(out_dtype), ent.to(out_dtype)
+        lead, V = xv.shape[:-1], xv.shape[-1]
+        k = _triton()
+        x2, y2 = _as_rows(xv), _as_rows(target)
+        M = x2.shape[0]
+        f32 = dict(dtype=torch.float32, device=xv.device)
+        denom = torch.full((1,), float(M), **f32) if reduction == "mean" else None
+        fused = reduction != "none" and ctx.needs_input_grad[0] and M > 0
+        dx = None
+        if fused:
+            dx = x2 if inplace_backward else torch.empty((M, V), dtype=xv.dtype, device=xv.device)
+        loss_rows, lse = torch.empty(M, **f32), torch.empty(M, **f32)
+        ent = torch.empty(M, **f32) if with_entropy else torch.empty(0, **f32)
+        k.ce_prob_fwd_out(x2, y2, loss=loss_rows, lse=lse, entropy=ent if with_entropy else None, dx=dx,
+                          weight=weight, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                          denom=denom)
+        if fused:
+            ctx.fused_dx = dx
+            ctx.consumed = bool(inplace_backward)
+        ctx.save_for_backward(None if ctx.consumed else xv, target, weight, denom)
+        ctx.shape = xv.shape
+        ctx.mark_non_differentiable(lse, ent)
+        if reduction == "none":
+            loss = loss_rows.view(lead)
+        elif reduction == "sum":
+            loss = loss_rows.sum()
+        else:
+            loss = (loss_rows.sum() / denom).reshape(())
+        return loss, lse.view(lead), ent.view(lead) if with_entropy else ent
 
     @staticmethod
-    def backward(ctx, g, _g_lse):
+    def backward(ctx, g, _g_lse, _g_ent):
+        nones = (None,) * 8
+        if ctx.kernel:
+            return (_ce_prob_kernel_backward(ctx, g), None) + nones
         xv, target, weight = ctx.saved_tensors
-        reduction, eps, z_loss, softcap, rows = ctx.opts
-        if torch.is_grad_enabled():
-            with torch.enable_grad():
-                logp, xc = _log_softmax(xv, softcap)
-                C = xv.shape[-1]
-                y = target.to(logp.dtype)
-                y = y * (1.0 - eps) + eps / C if eps > 0.0 else y
-                wy = y * weight.to(logp.dtype) if weight is not None else y
-                per = -(wy * logp).sum(-1)
-                if z_loss != 0.0:
-                    lse_row = torch.logsumexp(xc.to(logp.dtype), -1)
-                    per = per + z_loss * lse_row * lse_row
-                gr = _row_grad(g, per.shape, float(rows), reduction, None)
-                wrt = [t for t in (xv, target) if t.requires_grad]
-                grads = torch.autograd.grad(per, wrt, gr.to(per.dtype), create_graph=True)
-            it = iter(grads)
-            dx = next(it) if xv.requires_grad else None
-            dy = next(it) if target.requires_grad else None
-            return dx, dy, None, None, None, None, None
-        gr = _row_grad(g, xv.shape[:-1], float(rows), reduction, None)
-        dx, dy = ref.ce_prob_grad(
-            xv, target, weight, eps, z_loss, softcap, gr, xv.dtype, ctx.needs_input_grad[1]
-        )
-        return dx, dy, None, None, None, None, None
+        return _ce_prob_ref_backward(ctx, xv, target, weight, g) + nones
+
+
+def _ce_prob_kernel_backward(ctx, g: Tensor) -> Tensor:
+    xv, target, weight, denom = ctx.saved_tensors
+    reduction, eps, z_loss, softcap, rows = ctx.opts
+    k = _triton()
+    if ctx.fused_dx is not None and not torch.is_grad_enabled():
+        dx, ctx.fused_dx = ctx.fused_dx, None
+        k.grad_scale_(dx, g.reshape(1).float())
+        return dx.view(ctx.shape)
+    if ctx.consumed:
+        raise RuntimeError(_CONSUMED)
+    if torch.is_grad_enabled():
+        dx, _ = _ce_prob_ref_backward(ctx, xv, target, weight, g)
+        return dx
+    gs = g.reshape(-1).float().contiguous() if reduction == "none" else g.reshape(1).float()
+    dx = k.ce_prob_bwd(_as_rows(xv), _as_rows(target), gs, weight=weight, label_smoothing=eps, z_loss=z_loss, softcap=softcap,
+                       denom=denom)
+    return dx.view(ctx.shape)
+
+
+def _ce_prob_ref_backward(ctx, xv, target, weight, g):
+    reduction, eps, z_loss, softcap, rows = ctx.opts
+    need_dx = ctx.needs_input_grad[0]
+    need_dy = ctx.needs_input_grad[1]
+    if torch.is_grad_enabled():
+        with torch.enable_grad():
+            logp, xc = _log_softmax(xv, softcap)
+            C = xv.shape[-1]
+            y = target.to(logp.dtype)
+            y = y * (1.0 - eps) + eps / C if eps > 0.0 else y
+            wy = y * weight.to(logp.dtype) if weight is not None else y
+            per = -(wy * logp).sum(-1)
+            if z_loss != 0.0:
+                lse_row = torch.logsumexp(xc.to(logp.dtype), -1)
+                per = per + z_loss * lse_row * lse_row
+            gr = _row_grad(g, per.shape, float(rows), reduction, None)
+            wrt = [t for t, need in ((xv, need_dx), (target, need_dy)) if need and t.requires_grad]
+            grads = torch.autograd.grad(per, wrt, gr.to(per.dtype), create_graph=True, allow_unused=True)
+        it = iter(grads)
+        dx = next(it) if need_dx and xv.requires_grad else None
+        dy = next(it) if need_dy and target.requires_grad else None
+        return dx, dy
+    gr = _row_grad(g, xv.shape[:-1], float(rows), reduction, None)
+    dx, dy = ref.ce_prob_grad(xv, target, weight, eps, z_loss, softcap, gr, xv.dtype, need_dy)
+    return dx, dy
 
 
 class SelectiveLogSoftmaxFunction(torch.autograd.Function):
-    """log_softmax(x, -1).gather(-1, index) without the full log-softmax; output in the input dtype."""
+    """log_softmax(x, -1).gather(-1, index) without the full log-softmax; output in the input dtype.
+
+    Triton path: forward saves the per-row (max, rest) in fp32; backward reads the logits once and writes
+    dx once (its gradient depends on grad_output, so it cannot be formed in the forward).
+    """
 
     @staticmethod
-    def forward(ctx, xv, index):
-        out = ref.selective_rows(xv, index)
-        ctx.save_for_backward(xv, index)
-        return out.to(xv.dtype)
+    def forward(ctx, xv, index, use_triton=False):
+        ctx.kernel = _kernel_ok(use_triton, xv)
+        if not ctx.kernel:
+            out = ref.selective_rows(xv, index)
+            ctx.save_for_backward(xv, index)
+            return out.to(xv.dtype)
+        x2 = _as_rows(xv)
+        i2 = index.reshape(x2.shape[0], -1)
+        out, a, r = _triton().selective_fwd(x2, i2)
+        ctx.save_for_backward(xv, index, a, r)
+        ctx.shape, ctx.ishape = xv.shape, index.shape
+        return out.view(index.shape).to(xv.dtype)
 
     @staticmethod
     def backward(ctx, g):
-        xv, index = ctx.saved_tensors
+        if ctx.kernel:
+            xv, index, a, r = ctx.saved_tensors
+            if not torch.is_grad_enabled():
+                x2 = _as_rows(xv)
+                i2 = index.reshape(x2.shape[0], -1)
+                dx = _triton().selective_bwd(x2, i2, g.reshape(i2.shape), a, r)
+                return dx.view(ctx.shape), None, None
+        else:
+            xv, index = ctx.saved_tensors
         if torch.is_grad_enabled():
             with torch.enable_grad():
                 logp, _ = _log_softmax(xv, None)
                 (dx,) = torch.autograd.grad(logp.gather(-1, index), xv, g.to(logp.dtype), create_graph=True)
-            return dx, None
-        return ref.selective_grad(xv, index, g, xv.dtype), None
+            return dx, None, None
+        return ref.selective_grad(xv, index, g, xv.dtype), None, None
 
 
 class EntropyFunction(torch.autograd.Function):
-    """Shannon entropy of softmax(x) along the last dim; fp32 for half inputs."""
+    """Shannon entropy of softmax(x) along the last dim; fp32 for half inputs.
+
+    Triton path: forward saves per-row (max, rest, H) in fp32; backward reads the logits once, writes dx once.
+    """
 
     @staticmethod
-    def forward(ctx, xv):
-        h = ref.entropy_rows(xv)
-        ctx.save_for_backward(xv)
-        return h.to(loss_dtype(xv.dtype))
+    def forward(ctx, xv, use_triton=False):
+        ctx.kernel = _kernel_ok(use_triton, xv)
+        if not ctx.kernel:
+            h = ref.entropy_rows(xv)
+            ctx.save_for_backward(xv)
+            return h.to(loss_dtype(xv.dtype))
+        x2 = _as_rows(xv)
+        h, a, r = _triton().entropy_fwd(x2)
+        ctx.save_for_backward(xv, h, a, r)
+        ctx.shape = xv.shape
+        return h.view(xv.shape[:-1])
 
     @staticmethod
     def backward(ctx, g):
-        (xv,) = ctx.saved_tensors
+        if ctx.kernel:
+            xv, h, a, r = ctx.saved_tensors
+            if not torch.is_grad_enabled():
+                x2 = _as_rows(xv)
+                dx = _triton().entropy_bwd(x2, g.reshape(-1).float(), h, a, r)
+                return dx.view(ctx.shape), None
+        else:
+            (xv,) = ctx.saved_tensors
         if torch.is_grad_enabled():
             with torch.enable_grad():
                 logp, _ = _log_softmax(xv, None)
                 p = torch.exp(logp)
                 h = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
                 (dx,) = torch.autograd.grad(h, xv, g.to(h.dtype), create_graph=True)
-            return dx
-        return ref.entropy_grad(xv, g, xv.dtype)
+            return dx, None
+        return ref.entropy_grad(xv, g, xv.dtype), None

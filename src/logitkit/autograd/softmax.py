@@ -16,9 +16,10 @@ from ..reference import plain
 
 
 def _triton():
-    from ..triton import softmax as kernels
+    # The launchers of triton/softmax.py behind their torch.library ops (one node each for torch.compile).
+    from .._library import softmax_ops
 
-    return kernels
+    return softmax_ops
 
 
 def _moved(t: Tensor | None, dim: int) -> Tensor | None:

@@ -123,6 +123,37 @@ def _local_target(t: Tensor, start: int, size: int, ignore_index: int | None):
     return owned, torch.where(owned, li, torch.zeros_like(li))
 
 
+def ce_block_grad(xw, a2, L, lse2, t, w_t, g2, wl, W, opts) -> Tensor:
+    """d(sum_i g_i loss_i)/dx of one (R, V_local) working-precision block of logits, no collective.
+
+    Row terms (a, L, lse, w_t: (R, 1)) are the global ones from forward; as reference/losses.ce_grad:
+    c1 p_j - (eps / C) w_j off target, hard (p_t - 1) + (c1 - hard) p_t - (eps / C) w_t at the target.
+    """
+    ignore_index, eps, z_loss, start, size, C = opts
+    valid = t != ignore_index
+    owned, li = _local_target(t, start, size, ignore_index)
+    d_hi, d_lo, _ = shifted(xw, a2)
+    d = full_d(d_hi, d_lo)
+    p = torch.exp(d - L)
+    hard = (1.0 - eps) * w_t
+    c1 = hard + (eps / C) * W
+    if z_loss != 0.0:
+        c1 = c1 + 2.0 * z_loss * lse2
+    c1 = torch.where(valid, c1, torch.zeros_like(c1))
+    # At the target: c1 p_t - hard = hard (p_t - 1) + (c1 - hard) p_t, with p_t - 1 = expm1(d_t - L),
+    # never p_t - 1, which cancels for a confident row.
+    d_t = d.gather(1, li)
+    p_t = p.gather(1, li)
+    at_t = hard * torch.expm1(d_t - L) + (c1 - hard) * p_t
+    if eps > 0.0:
+        at_t = at_t - (eps / C) * (wl[li] if wl is not None else 1.0)
+    res = p.mul_(c1)
+    if eps > 0.0:
+        res = res - (eps / C) * (wl if wl is not None else 1.0) * valid
+    res.scatter_(1, li, torch.where(owned, at_t, res.gather(1, li)))
+    return res.mul_(g2)
+
+
 class VocabParallelCrossEntropyFunction(torch.autograd.Function):
     """Class-index targets; returns (loss reduced as asked, replicated per-row lse).
 
@@ -155,10 +186,10 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
                 cols.append(part)
             return torch.cat(cols, dim=1)
 
-        scal = torch.tensor([float(size), float(wl.sum(dtype=ACC)) if has_w else 0.0], dtype=ACC)
-        scal = scal.to(xv.device) if has_w else torch.tensor([float(size), 0.0], dtype=ACC, device=xv.device)
+        scal = torch.zeros(2, dtype=ACC, device=xv.device)
+        scal[0] = size  # V = sum of the local sizes, for vocab_start= callers
         if has_w:
-            scal[1] = wl.sum(dtype=ACC)
+            scal[1] = wl.sum(dtype=ACC)  # W = sum of all class weights, for label smoothing
         s = global_stats(xv, None, False, group, hook, n_cols, scal, cap)
         C = shard.V if shard.V is not None else int(s.scalars[0])  # host sync only with vocab_start=
         if shard.V is None:
@@ -213,32 +244,11 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         W = W if w_loc is not None else float(C)
         cap = _cap_fn(softcap)
         for sl, xw in row_blocks(xv, None, cap):
-            t = target[sl].reshape(-1, 1)
-            valid = t != ignore_index
-            owned, li = _local_target(t, start, size, ignore_index)
-            a2, L = a[sl].reshape(-1, 1), Ls[sl].reshape(-1, 1)
-            g2 = gr[sl].reshape(-1, 1).to(wd)
-            d_hi, d_lo, _ = shifted(xw, a2)
-            d = full_d(d_hi, d_lo)
-            p = torch.exp(d - L)
-            w_t = w_ts[sl].reshape(-1, 1)
-            hard = (1.0 - eps) * w_t
-            c1 = hard + (eps / C) * W
-            if z_loss != 0.0:
-                c1 = c1 + 2.0 * z_loss * lse[sl].reshape(-1, 1)
-            c1 = torch.where(valid, c1, torch.zeros_like(c1))
-            # At the target: c1 p_t - hard = hard (p_t - 1) + (c1 - hard) p_t, with p_t - 1 = expm1(d_t - L),
-            # never p_t - 1, which cancels for a confident row.
-            d_t = d.gather(1, li)
-            p_t = p.gather(1, li)
-            at_t = hard * torch.expm1(d_t - L) + (c1 - hard) * p_t
-            if eps > 0.0:
-                at_t = at_t - (eps / C) * (wl[li] if wl is not None else 1.0)
-            res = p.mul_(c1)
-            if eps > 0.0:
-                res = res - (eps / C) * (wl if wl is not None else 1.0) * valid
-            res.scatter_(1, li, torch.where(owned, at_t, res.gather(1, li)))
-            res.mul_(g2)
+            res = ce_block_grad(
+                xw, a[sl].reshape(-1, 1), Ls[sl].reshape(-1, 1), lse[sl].reshape(-1, 1),
+                target[sl].reshape(-1, 1), w_ts[sl].reshape(-1, 1), gr[sl].reshape(-1, 1).to(wd),
+                wl, W, (ignore_index, eps, z_loss, start, size, C),
+            )
             if softcap is not None:
                 res.mul_(1.0 - (xw / softcap) ** 2)  # d/dx c tanh(x / c) = 1 - (capped / c)**2
             _store(dx[sl], res)

@@ -1,13 +1,14 @@
 """Cross-entropy, selective log-softmax and entropy on the reference path (plain PyTorch, row blocks).
 
-Math:     with (a, L) from ``plain.row_stats``: nll_i = L - d[t_i]; label smoothing adds (eps/C) sum_j w_j (L - d_j);
-          z_loss adds z * lse**2; softcap replaces x by c * tanh(x / c) first.
-          Gradient of one row: c1 * p_j - (1 - eps) w_t [j = t] - (eps / C) w_j, with
-          c1 = (1 - eps) w_t + (eps / C) W + 2 z lse, and at the target p_t - 1 = expm1(d_t - L).
-Traffic:  forward reads the logits once per block and keeps per-row (max, L) only; backward recomputes
-          p from the logits block by block (O(block) temporaries, never O(M * V)).
-Numerics: losses and lse in working precision (fp32 for half inputs), rounded once; the target gradient
-          is expm1(d_t - L), never softmax_t - 1, which cancels for a confident row.
+Math:     with y = log_softmax(x) of a block (``plain.block_logp``, one precision above the input):
+          nll_i = -y[t_i]; label smoothing adds -(eps/C) sum_j w_j y_j; z_loss adds z * lse**2 with
+          lse = max + L; softcap replaces x by c * tanh(x / c) first.  Gradient of one row:
+          c1 * p_j - (1 - eps) w_t [j = t] - (eps / C) w_j with p = exp(y), c1 = (1 - eps) w_t + (eps / C) W
+          + 2 z lse, and at the target p_t - 1 = expm1(y_t) (never softmax_t - 1, which cancels).
+Traffic:  forward keeps per-row statistics only; backward recomputes y block by block (O(block)
+          temporaries, never O(M * V)).
+Numerics: y is accurate to the rounding of the output dtype (see plain.py); every sum below adds terms of
+          one sign (y <= 0), so nothing cancels; losses and lse in working precision (fp32 for halves).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .plain import as_rows, d_full, iter_row_blocks, lse_of, row_stats, working_dtype
+from .plain import Workspace, as_rows, block_logp, iter_row_blocks, working_dtype
 
 
 def capped(x2: Tensor, softcap: float | None) -> Tensor:
@@ -26,6 +27,38 @@ def capped(x2: Tensor, softcap: float | None) -> Tensor:
     return torch.tanh(x2.to(wd) / softcap).mul_(softcap)
 
 
+def _cap_grad(dx: Tensor, xc: Tensor, softcap: float | None) -> Tensor:
+    # d/dx [c tanh(x/c)] = 1 - tanh^2(x/c) = 1 - (capped/c)^2
+    return dx if softcap is None else dx.mul_(1.0 - (xc.to(dx.dtype) / softcap) ** 2)
+
+
+def _lse(x2: Tensor, L: Tensor) -> Tensor:
+    """max + L per row; the max itself where it is infinite (lse -inf for all -inf rows, +inf with a +inf)."""
+    a = x2.amax(dim=1, keepdim=True).to(L.dtype)
+    return torch.where(torch.isinf(a), a, a + L)
+
+
+def _store(dst: Tensor, res: Tensor) -> None:
+    dst.copy_(res.view(dst.shape))
+
+
+def _targets(target: Tensor, sl, ignore_index: int) -> tuple[Tensor, Tensor]:
+    t = target[sl].reshape(-1, 1)
+    valid = t != ignore_index
+    return torch.where(valid, t, torch.zeros_like(t)), valid
+
+
+def _target_weight(w: Tensor | None, t_safe: Tensor, valid: Tensor, like: Tensor) -> Tensor:
+    w_t = w[t_safe] if w is not None else torch.ones_like(like)
+    return torch.where(valid, w_t, torch.zeros_like(w_t))
+
+
+def _wsum(y: Tensor, w: Tensor | None) -> Tensor:
+    """sum_j w_j y_j per row (sum_j y_j without weights)."""
+    return (y @ w).unsqueeze(1) if w is not None else y.sum(dim=1, keepdim=True)
+
+
+@torch.no_grad()
 def ce_rows(
     xv: Tensor,
     target: Tensor,
@@ -44,35 +77,28 @@ def ce_rows(
     loss = torch.empty(lead, dtype=wd, device=xv.device)
     lse = torch.empty(lead, dtype=wd, device=xv.device)
     wt = torch.empty(lead, dtype=wd, device=xv.device)
-    w = weight.to(wd) if weight is not None else None
-    W = w.sum() if w is not None else float(C)
     eps = label_smoothing
+    ws = Workspace()
     for sl in iter_row_blocks(lead, C):
         x2 = capped(as_rows(xv[sl]), softcap)
-        t = target[sl].reshape(-1, 1)
-        valid = t != ignore_index
-        t_safe = torch.where(valid, t, torch.zeros_like(t))
-        s = row_stats(x2, None, False)
-        d = d_full(s)
-        d_t = d.gather(1, t_safe)
-        nll = s.L - d_t  # L >= 0 and -d_t >= 0: no cancellation
-        w_t = w[t_safe] if w is not None else torch.ones_like(nll)
-        w_t = torch.where(valid, w_t, torch.zeros_like(w_t))
-        row = (1.0 - eps) * w_t * nll if eps != 1.0 else torch.zeros_like(nll)
+        t_safe, valid = _targets(target, sl, ignore_index)
+        y, L = block_logp(x2, ws)
+        w = weight.to(y.dtype) if weight is not None else None
+        w_t = _target_weight(w, t_safe, valid, L)
+        row = (1.0 - eps) * w_t * -y.gather(1, t_safe)
         if eps > 0.0:
-            # sum_j w_j (L - d_j) = L W - sum_j w_j d_j: both terms >= 0 for non-negative weights.
-            wd_sum = (d @ w).unsqueeze(1) if w is not None else d.sum(dim=1, keepdim=True)
-            smooth = s.L * W - wd_sum
-            row = row + torch.where(valid, (eps / C) * smooth, torch.zeros_like(smooth))
-        l_row = lse_of(s)
+            # -(eps/C) sum_j w_j y_j: every y_j <= 0, so the sum does not cancel.
+            row = row - torch.where(valid, (eps / C) * _wsum(y, w), torch.zeros_like(row))
+        l_row = _lse(x2, L)
         if z_loss != 0.0:
             row = row + torch.where(valid, z_loss * l_row * l_row, torch.zeros_like(l_row))
-        loss[sl] = row.view(loss[sl].shape)
-        lse[sl] = l_row.view(lse[sl].shape)
-        wt[sl] = w_t.view(wt[sl].shape)
+        _store(loss[sl], row)
+        _store(lse[sl], l_row)
+        _store(wt[sl], w_t)
     return loss, lse, wt
 
 
+@torch.no_grad()
 def ce_grad(
     xv: Tensor,
     target: Tensor,
@@ -86,50 +112,42 @@ def ce_grad(
 ) -> Tensor:
     """d(sum_i g_i loss_i)/dx for class-index targets; ``g`` has shape lead (already divided by the mean)."""
     lead, C = tuple(xv.shape[:-1]), xv.shape[-1]
-    wd = working_dtype(xv.dtype)
     dx = torch.empty(xv.shape, dtype=out_dtype, device=xv.device)
     if dx.numel() == 0:
         return dx
-    w = weight.to(wd) if weight is not None else None
-    W = w.sum() if w is not None else float(C)
     eps = label_smoothing
+    ws = Workspace()
     for sl in iter_row_blocks(lead, C):
-        xr = as_rows(xv[sl])
-        x2 = capped(xr, softcap)
-        t = target[sl].reshape(-1, 1)
-        g2 = g[sl].reshape(-1, 1).to(wd)
-        valid = t != ignore_index
-        t_safe = torch.where(valid, t, torch.zeros_like(t))
-        s = row_stats(x2, None, False)
-        d = d_full(s)
-        L = s.L
-        p = torch.exp(d - L)
-        w_t = w[t_safe] if w is not None else torch.ones_like(L)
-        w_t = torch.where(valid, w_t, torch.zeros_like(w_t))
+        x2 = capped(as_rows(xv[sl]), softcap)
+        t_safe, valid = _targets(target, sl, ignore_index)
+        y, L = block_logp(x2, ws)
+        g2 = g[sl].reshape(-1, 1).to(y.dtype)
+        w = weight.to(y.dtype) if weight is not None else None
+        W = w.sum() if w is not None else float(C)
+        w_t = _target_weight(w, t_safe, valid, L)
         hard = (1.0 - eps) * w_t
         c1 = hard + (eps / C) * W
         if z_loss != 0.0:
-            c1 = c1 + 2.0 * z_loss * lse_of(s)
+            c1 = c1 + 2.0 * z_loss * _lse(x2, L)
         c1 = torch.where(valid, c1, torch.zeros_like(c1))
-        # At the target: c1 p_t - hard = hard (p_t - 1) + (c1 - hard) p_t, with p_t - 1 = expm1(d_t - L).
-        d_t = d.gather(1, t_safe)
-        p_t = p.gather(1, t_safe)
-        at_t = hard * torch.expm1(d_t - L) + (c1 - hard) * p_t
+        res = torch.exp(y).mul_(g2 * c1)  # g c1 p_j
+        if eps > 0.0:
+            res.sub_((eps / C) * g2 * valid.to(y.dtype) * (w if w is not None else 1.0))
+        # At the target: c1 p_t - hard = hard (p_t - 1) + (c1 - hard) p_t, with p_t - 1 = expm1(y_t).
+        y_t = y.gather(1, t_safe)
+        at_t = hard * torch.expm1(y_t) + (c1 - hard) * torch.exp(y_t)
         if eps > 0.0:
             at_t = at_t - (eps / C) * (w[t_safe] if w is not None else 1.0)
-        res = p.mul_(c1)
-        if eps > 0.0:
-            res = res - (eps / C) * (w if w is not None else 1.0) * valid.to(wd)
-        res.scatter_(1, t_safe, torch.where(valid, at_t, res.gather(1, t_safe)))
-        res.mul_(g2)
-        if softcap is not None:
-            # d/dx [c tanh(x/c)] = 1 - tanh^2(x/c) = 1 - (capped/c)^2
-            res.mul_(1.0 - (x2 / softcap) ** 2)
-        dst = dx[sl]
-        dst.copy_(res.view(dst.shape))
+        res.scatter_(1, t_safe, torch.where(valid, at_t * g2, res.gather(1, t_safe)))
+        _store(dx[sl], _cap_grad(res, x2, softcap))
     return dx
 
 
+def _smoothed(y: Tensor, eps: float, C: int) -> Tensor:
+    return y * (1.0 - eps) + eps / C if eps > 0.0 else y
+
+
+@torch.no_grad()
 def ce_prob_rows(
     xv: Tensor,
     target: Tensor,
@@ -143,27 +161,24 @@ def ce_prob_rows(
     wd = working_dtype(xv.dtype)
     loss = torch.empty(lead, dtype=wd, device=xv.device)
     lse = torch.empty(lead, dtype=wd, device=xv.device)
-    w = weight.to(wd) if weight is not None else None
+    ws = Workspace()
     for sl in iter_row_blocks(lead, C):
         x2 = capped(as_rows(xv[sl]), softcap)
-        y = _smoothed(as_rows(target[sl]).to(wd), label_smoothing, C)
-        wy = y * w if w is not None else y
-        s = row_stats(x2, None, False)
-        d = d_full(s)
-        # sum_j w_j y_j (L - d_j) = L sum(w y) - sum(w y d): both terms >= 0 for y, w >= 0.
-        row = s.L * wy.sum(dim=1, keepdim=True) - (wy * d).sum(dim=1, keepdim=True)
-        l_row = lse_of(s)
+        y, L = block_logp(x2, ws)
+        q = _smoothed(as_rows(target[sl]).to(y.dtype), label_smoothing, C)
+        wq = q * weight.to(y.dtype) if weight is not None else q
+        # -sum_j w_j q_j y_j: terms of one sign for q, w >= 0. 0 * -inf (a -inf logit with q = 0) counts 0.
+        prod = torch.where(wq != 0, wq * y, torch.zeros_like(y))
+        row = -prod.sum(dim=1, keepdim=True)
+        l_row = _lse(x2, L)
         if z_loss != 0.0:
             row = row + z_loss * l_row * l_row
-        loss[sl] = row.view(loss[sl].shape)
-        lse[sl] = l_row.view(lse[sl].shape)
+        _store(loss[sl], row)
+        _store(lse[sl], l_row)
     return loss, lse
 
 
-def _smoothed(y: Tensor, eps: float, C: int) -> Tensor:
-    return y * (1.0 - eps) + eps / C if eps > 0.0 else y
-
-
+@torch.no_grad()
 def ce_prob_grad(
     xv: Tensor,
     target: Tensor,
@@ -175,111 +190,96 @@ def ce_prob_grad(
     out_dtype: torch.dtype,
     need_target_grad: bool,
 ) -> tuple[Tensor, Tensor | None]:
-    """Gradients for class-probability targets: dx = g (sum(w y) p - w y) (+ z term), dy = -g (1-eps) w log p."""
+    """Gradients for class-probability targets: dx = g (sum(w q) p - w q) (+ z term), dq = -g (1-eps) w log p."""
     lead, C = tuple(xv.shape[:-1]), xv.shape[-1]
-    wd = working_dtype(xv.dtype)
     dx = torch.empty(xv.shape, dtype=out_dtype, device=xv.device)
-    dy = torch.empty(target.shape, dtype=target.dtype, device=xv.device) if need_target_grad else None
+    dq = torch.empty(target.shape, dtype=target.dtype, device=xv.device) if need_target_grad else None
     if dx.numel() == 0:
-        return dx, dy
-    w = weight.to(wd) if weight is not None else None
+        return dx, dq
+    ws = Workspace()
     for sl in iter_row_blocks(lead, C):
         x2 = capped(as_rows(xv[sl]), softcap)
-        g2 = g[sl].reshape(-1, 1).to(wd)
-        y = _smoothed(as_rows(target[sl]).to(wd), label_smoothing, C)
-        wy = y * w if w is not None else y
-        s = row_stats(x2, None, False)
-        logp = d_full(s) - s.L
-        p = torch.exp(logp)
-        c1 = wy.sum(dim=1, keepdim=True)
+        y, L = block_logp(x2, ws)
+        g2 = g[sl].reshape(-1, 1).to(y.dtype)
+        w = weight.to(y.dtype) if weight is not None else None
+        q = _smoothed(as_rows(target[sl]).to(y.dtype), label_smoothing, C)
+        wq = q * w if w is not None else q
+        c1 = wq.sum(dim=1, keepdim=True)
         if z_loss != 0.0:
-            c1 = c1 + 2.0 * z_loss * lse_of(s)
-        res = (p * c1 - wy).mul_(g2)
-        if softcap is not None:
-            res.mul_(1.0 - (x2 / softcap) ** 2)
-        dst = dx[sl]
-        dst.copy_(res.view(dst.shape))
-        if dy is not None:
-            gy = -logp * g2 * (1.0 - label_smoothing)
-            if w is not None:
-                gy = gy * w
-            dyd = dy[sl]
-            dyd.copy_(gy.view(dyd.shape))
-    return dx, dy
+            c1 = c1 + 2.0 * z_loss * _lse(x2, L)
+        res = (torch.exp(y).mul_(c1) - wq).mul_(g2)
+        _store(dx[sl], _cap_grad(res, x2, softcap))
+        if dq is not None:
+            gq = -y * g2 * (1.0 - label_smoothing)
+            _store(dq[sl], gq * w if w is not None else gq)
+    return dx, dq
 
 
+@torch.no_grad()
 def selective_rows(xv: Tensor, index: Tensor) -> Tensor:
     """log_softmax(x).gather(-1, index) for (*lead, V) ``xv`` and (*lead, K) ``index``; working precision."""
     lead, V = tuple(xv.shape[:-1]), xv.shape[-1]
-    wd = working_dtype(xv.dtype)
-    out = torch.empty(index.shape, dtype=wd, device=xv.device)
+    out = torch.empty(index.shape, dtype=working_dtype(xv.dtype), device=xv.device)
     if out.numel() == 0:
         return out
+    ws = Workspace()
     for sl in iter_row_blocks(lead, V):
         x2 = as_rows(xv[sl])
-        i2 = index[sl].reshape(x2.shape[0], -1)
-        s = row_stats(x2, None, False)
-        res = s.d_hi.gather(1, i2) - s.L
-        if s.d_lo is not None:
-            res = res + s.d_lo.gather(1, i2)
-        dst = out[sl]
-        dst.copy_(res.view(dst.shape))
+        y, _ = block_logp(x2, ws)
+        _store(out[sl], y.gather(1, index[sl].reshape(x2.shape[0], -1)))
     return out
 
 
+@torch.no_grad()
 def selective_grad(xv: Tensor, index: Tensor, g: Tensor, out_dtype: torch.dtype) -> Tensor:
     """dx = scatter_add(g at index) - p * sum(g)."""
     lead, V = tuple(xv.shape[:-1]), xv.shape[-1]
-    wd = working_dtype(xv.dtype)
     dx = torch.empty(xv.shape, dtype=out_dtype, device=xv.device)
     if dx.numel() == 0:
         return dx
+    ws = Workspace()
     for sl in iter_row_blocks(lead, V):
         x2 = as_rows(xv[sl])
+        y, _ = block_logp(x2, ws)
         i2 = index[sl].reshape(x2.shape[0], -1)
-        g2 = g[sl].reshape(x2.shape[0], -1).to(wd)
-        s = row_stats(x2, None, False)
-        p = torch.exp(d_full(s) - s.L)
-        res = p.mul_(-g2.sum(dim=1, keepdim=True)).scatter_add_(1, i2, g2)
-        dst = dx[sl]
-        dst.copy_(res.view(dst.shape))
+        g2 = g[sl].reshape(x2.shape[0], -1).to(y.dtype)
+        res = torch.exp(y).mul_(-g2.sum(dim=1, keepdim=True)).scatter_add_(1, i2, g2)
+        _store(dx[sl], res)
     return dx
 
 
+def _plogp(y: Tensor) -> tuple[Tensor, Tensor]:
+    """(p, p * log p) with 0 * -inf = 0 for -inf logits (they contribute nothing)."""
+    p = torch.exp(y)
+    return p, torch.where(p > 0, p * y, torch.zeros_like(p))
+
+
+@torch.no_grad()
 def entropy_rows(xv: Tensor) -> Tensor:
-    """H = -sum p log p = L + sum p |d| (two non-negative terms) per row, working precision."""
+    """H = -sum p log p per row (terms of one sign), working precision."""
     lead, V = tuple(xv.shape[:-1]), xv.shape[-1]
     wd = working_dtype(xv.dtype)
     out = torch.empty(lead, dtype=wd, device=xv.device)
     if V == 0:
         return out.fill_(0.0)
+    ws = Workspace()
     for sl in iter_row_blocks(lead, V):
-        s = row_stats(as_rows(xv[sl]), None, False)
-        d = d_full(s)
-        p = torch.exp(d - s.L)
-        # p * d is 0 * -inf = NaN for -inf logits; their contribution is 0.
-        pd = torch.where(p > 0, p * d, torch.zeros_like(p))
-        h = s.L - pd.sum(dim=1, keepdim=True)
-        dst = out[sl]
-        dst.copy_(h.view(dst.shape))
+        y, _ = block_logp(as_rows(xv[sl]), ws)
+        _store(out[sl], -_plogp(y)[1].sum(dim=1))
     return out
 
 
+@torch.no_grad()
 def entropy_grad(xv: Tensor, g: Tensor, out_dtype: torch.dtype) -> Tensor:
     """dH/dx_j = -p_j (log p_j + H)."""
     lead, V = tuple(xv.shape[:-1]), xv.shape[-1]
     dx = torch.empty(xv.shape, dtype=out_dtype, device=xv.device)
     if dx.numel() == 0:
         return dx
-    wd = working_dtype(xv.dtype)
+    ws = Workspace()
     for sl in iter_row_blocks(lead, V):
-        s = row_stats(as_rows(xv[sl]), None, False)
-        logp = d_full(s) - s.L
-        p = torch.exp(logp)
-        plogp = torch.where(p > 0, p * logp, torch.zeros_like(p))
+        y, _ = block_logp(as_rows(xv[sl]), ws)
+        p, plogp = _plogp(y)
         H = -plogp.sum(dim=1, keepdim=True)
-        res = (plogp + p * H).neg_().mul_(g[sl].reshape(-1, 1).to(wd))
-        dst = dx[sl]
-        dst.copy_(res.view(dst.shape))
+        _store(dx[sl], (plogp + p * H).neg_().mul_(g[sl].reshape(-1, 1).to(y.dtype)))
     return dx
-

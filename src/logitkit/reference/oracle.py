@@ -121,9 +121,7 @@ def _stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
 
 def _row_status(a: Tensor, x: Tensor, safe: bool) -> tuple[Tensor, Tensor]:
     """(nan_row, empty_row): rows whose normalised outputs are NaN, rows with no mass (all -inf)."""
-    has_nan = (
-        torch.isnan(x).any(dim=-1, keepdim=True) if x.shape[-1] else torch.zeros_like(a, dtype=torch.bool)
-    )
+    has_nan = torch.isnan(x).any(dim=-1, keepdim=True) if x.shape[-1] else torch.zeros_like(a, dtype=torch.bool)
     empty = torch.isneginf(a)
     nan_row = has_nan | torch.isposinf(a) | torch.isnan(a)
     if not safe:
@@ -174,9 +172,7 @@ def _mp_softmax(row):
 def _normalised(x: Tensor, dim: int, log: bool, mask: Tensor | None, exact: bool) -> Tensor:
     x64 = _mask_input(_f64(x), mask)
     if x64.dim() == 0:
-        return _normalised(x64.reshape(1), 0, log, None if mask is None else mask.reshape(1), exact).reshape(
-            ()
-        )
+        return _normalised(x64.reshape(1), 0, log, None if mask is None else mask.reshape(1), exact).reshape(())
     dims = _norm_dims(dim, x64.dim())
     xr, perm, shape = _to_rows(x64, dims)
     a, d, e, r, L = _stats(xr)
@@ -237,9 +233,7 @@ def logsumexp(
             o = out.reshape(-1).clone()
             o[fin] = ex.reshape(-1)
             out = o.reshape(out.shape)
-    has_nan = (
-        torch.isnan(xr).any(dim=-1, keepdim=True) if xr.shape[-1] else torch.zeros_like(a, dtype=torch.bool)
-    )
+    has_nan = torch.isnan(xr).any(dim=-1, keepdim=True) if xr.shape[-1] else torch.zeros_like(a, dtype=torch.bool)
     out = torch.where(has_nan, torch.full_like(out, math.nan), out).squeeze(-1)
     if keepdim:
         for d in sorted(dims):
@@ -299,9 +293,7 @@ def _ce_setup(x, target, weight, ignore_index, label_smoothing):
         y = _f64(target).movedim(cd, -1)
         q = (y * (1 - eps) + eps / C) if eps > 0 else y
         q = q * w
-        denom = (
-            float(xl.numel() // max(C, 1)) if xl.numel() else math.nan
-        )  # torch: mean over rows, NaN if empty
+        denom = float(xl.numel() // max(C, 1)) if xl.numel() else math.nan  # torch: mean over rows, NaN if empty
         return xl, q, None, denom, C
     t = target.to("cpu", torch.long)
     valid = t != ignore_index
@@ -562,9 +554,7 @@ def lse_error(ours: Tensor, truth: Tensor, x: Tensor, dim=-1, keepdim: bool = Fa
     dims = _norm_dims(dim, x64.dim())
     p = torch.exp(x64 - logsumexp(x64, dims, keepdim=True))
     cond = (
-        torch.where(torch.isfinite(x64), p * x64.abs(), torch.zeros_like(p))
-        .nan_to_num(0.0)
-        .sum(dims, keepdim=keepdim)
+        torch.where(torch.isfinite(x64), p * x64.abs(), torch.zeros_like(p)).nan_to_num(0.0).sum(dims, keepdim=keepdim)
     )
     denom = torch.maximum(ulp(t, dtype), torch.finfo(dtype).eps * cond)
     err = (o - t).abs() / denom

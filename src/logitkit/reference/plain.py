@@ -4,10 +4,14 @@ Math:     per row a = max(x); d = x - a; r = sum of exp(d) over all entries but 
           ties count 1 each); L = log1p(r).  lse = a + L;  log_softmax = d - L;  softmax = exp(d) / (1 + r).
 Traffic:  rows are processed in blocks of about BLOCK_ELEMS elements, so temporaries are O(block), never
           O(input); a non-last ``dim`` is handled by copying one block at a time into a (rows, V) buffer.
-Numerics: working precision float32 for fp16/bf16 inputs, float64 for float64.  For float32 inputs the
-          shift d = x - a is carried as an unevaluated sum d_hi + d_lo (TwoSum), because a rounded d costs
-          |d| * u of relative accuracy in exp(d) (16 ulps at d = -50); the correction keeps softmax, the
-          rest sum and log_softmax within the accuracy table while staying in fast float32 arithmetic.
+Numerics: two routes to the same accuracy.
+          Fast (CPU, no mask, fp32/fp16/bf16): each block goes through torch's fused kernel one precision up
+          (float64 for fp32 inputs, float32 for halves): there d = x - a is exact and exp/sum carry the extra
+          bits, so one final rounding is all that remains, except that log(1 + r) loses r when r is tiny.
+          Those rows (L below _TINY_L, the confident ones) are recomputed with the rest sum and log1p.
+          General (mask=, accelerator fallback, float64): the rest-sum algorithm itself, in float32 for
+          fp16/bf16 and fp32 (then d = x - a is carried as TwoSum hi + lo, because a rounded d costs |d| * u
+          of relative accuracy in exp(d): 16 ulps at d = -50), float64 for float64.
           Every block is computed on a contiguous (rows, V) copy, so results do not depend on layout.
 """
 
@@ -23,7 +27,7 @@ from torch import Tensor
 
 # Elements per block: large enough that the per-op overhead is amortised, small enough that the block's
 # few temporaries stay in a core's L2 (each element pass over an L2-resident block is several times faster).
-BLOCK_ELEMS = 1 << 16
+BLOCK_ELEMS = 1 << 15
 
 
 def working_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -67,46 +71,74 @@ class Stats(NamedTuple):
     r: Tensor  # (R, 1) rest sum
 
 
-def _two_diff(x: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
-    """x - a = hi + lo exactly (Knuth's TwoSum), entries with non-finite hi get lo = 0."""
-    hi = x - a
-    bp = hi - x  # the part of hi that came from -a
-    lo = torch.sub(x, torch.sub(hi, bp), out=torch.empty_like(x))  # x - x'
+class Workspace:
+    """Reusable (R, V) buffers for the blocks of one call: fresh multi-MB allocations per block cost page faults."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple, Tensor] = {}
+
+    def get(self, name: str, like: Tensor, dtype: torch.dtype) -> Tensor:
+        key = (name, dtype, like.device)
+        buf = self._bufs.get(key)
+        n = like.numel()
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(n, dtype=dtype, device=like.device)
+            self._bufs[key] = buf
+        return buf[:n].view(like.shape)
+
+
+def _two_diff(x: Tensor, a: Tensor, ws: Workspace, finite: bool) -> tuple[Tensor, Tensor]:
+    """x - a = hi + lo exactly (Knuth's TwoSum); entries with non-finite hi get lo = 0."""
+    hi = torch.sub(x, a, out=ws.get("hi", x, x.dtype))
+    bp = torch.sub(hi, x, out=ws.get("bp", x, x.dtype))  # the part of hi that came from -a
+    lo = torch.sub(hi, bp, out=ws.get("lo", x, x.dtype))  # x', the part that came from x
+    torch.sub(x, lo, out=lo)  # x - x'
     lo.sub_(bp.add_(a))  # ... + (-a - b')
-    return hi, lo.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    if not finite:
+        lo.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+    return hi, lo
 
 
-def row_stats(x2: Tensor, mask2: Tensor | None, masked: bool) -> Stats:
+@torch.no_grad()
+def row_stats(x2: Tensor, mask2: Tensor | None, masked: bool, ws: Workspace | None = None) -> Stats:
     """(max, rest-sum) statistics of each row of a contiguous (R, V) block, V >= 1.
 
     ``masked`` selects the safe behaviour for rows whose max is -inf (all -inf or all masked out):
-    softmax 0 / log_softmax -inf instead of torch's NaN.
+    softmax 0 / log_softmax -inf instead of torch's NaN.  The returned tensors may live in ``ws``'s buffers,
+    valid until the next call with the same workspace.
     """
+    ws = Workspace() if ws is None else ws
     wd = working_dtype(x2.dtype)
-    xw = x2.to(wd)
+    xw = x2 if x2.dtype == wd else torch.empty(x2.shape, dtype=wd, device=x2.device).copy_(x2)
     if mask2 is not None:
         xw = xw.masked_fill(~mask2, -math.inf)  # masked entries (NaN included) leave the row
     a = xw.amax(dim=1, keepdim=True)
+    # Every max and min finite (a NaN or inf anywhere makes the spread non-finite): no guard is needed below.
+    # A host check is fine here: this path serves CPU tensors (and is the slow fallback elsewhere).
+    finite = mask2 is None and bool(torch.isfinite((a - xw.amin(dim=1, keepdim=True)).sum()))
     # A ±inf max would turn d into NaN; shift by 0 instead and repair those rows below.
-    a_safe = torch.where(torch.isinf(a), torch.zeros_like(a), a)
+    a_safe = a if finite else torch.where(torch.isinf(a), torch.zeros_like(a), a)
+    e = ws.get("e", xw, wd)
     if x2.dtype == torch.float32:
-        d_hi, d_lo = _two_diff(xw, a_safe)
-        e = torch.exp(d_hi)
+        d_hi, d_lo = _two_diff(xw, a_safe, ws, finite)
+        torch.exp(d_hi, out=e)
         e.addcmul_(e, d_lo)  # exp(hi + lo) = exp(hi) * (1 + lo) to first order; |lo| <= u |hi|
     else:
-        d_hi, d_lo = xw - a_safe, None
-        e = torch.exp(d_hi)
+        d_hi, d_lo = torch.sub(xw, a_safe, out=ws.get("hi", xw, wd)), None
+        torch.exp(d_hi, out=e)
     # The rest sum leaves out one max's exp(0) = 1, so nothing small is lost against it: sum the entries
     # below 1, then add back the k - 1 other maxima (k = number of exact 1s, recovered as an integer).
     s_all = e.sum(dim=1, keepdim=True)
-    below = F.threshold(e.neg(), -1.0, 0.0, inplace=True)  # -e where e < 1, else 0
+    below = F.threshold(torch.neg(e, out=ws.get("t", xw, wd)), -1.0, 0.0, inplace=True)  # -e where e < 1
     s_rest = below.sum(dim=1, keepdim=True).neg_()
-    r = s_rest + (torch.round(s_all - s_rest) - 1.0)
-    r = torch.where(torch.isneginf(a), torch.zeros_like(r), r)  # no entries: r = 0 (lse -inf, softmax 0)
+    r = (s_all - s_rest).round_().sub_(1.0).add_(s_rest)
+    if not finite:
+        r = torch.where(torch.isneginf(a), torch.zeros_like(r), r)  # no entries: r = 0 (lse -inf, softmax 0)
     L = torch.log1p(r)
-    # +inf anywhere -> NaN row (as torch); a -inf max -> NaN row unless the caller asked for mask= semantics.
-    bad = torch.isposinf(a) if masked else torch.isinf(a)
-    L = torch.where(bad, torch.full_like(L, math.nan), L)
+    if not finite:
+        # +inf anywhere -> NaN row (as torch); a -inf max -> NaN row unless mask= semantics were asked for.
+        bad = torch.isposinf(a) if masked else torch.isinf(a)
+        L = torch.where(bad, torch.full_like(L, math.nan), L)
     return Stats(d_hi, d_lo, e, a, L, r)
 
 
@@ -118,21 +150,68 @@ def lse_of(s: Stats) -> Tensor:
 
 def log_softmax_from(s: Stats, out: Tensor | None = None) -> Tensor:
     # d - L: both terms <= 0, so the subtraction never cancels.
-    if s.d_lo is None:
-        return torch.sub(s.d_hi, s.L, out=out) if out is not None else s.d_hi - s.L
-    t = s.d_hi - s.L
-    return torch.add(t, s.d_lo, out=out) if out is not None else t.add_(s.d_lo)
+    res = torch.sub(s.d_hi, s.L, out=out) if out is not None else s.d_hi - s.L
+    return res if s.d_lo is None else res.add_(s.d_lo)
 
 
 def softmax_from(s: Stats, out: Tensor | None = None) -> Tensor:
-    e = s.e
     denom = torch.where(torch.isnan(s.L), s.L, 1.0 + s.r)
     # A true division, not a multiply by the reciprocal: one rounding per entry.
-    return torch.div(e, denom, out=out) if out is not None else e.div_(denom)
+    return torch.div(s.e, denom, out=out) if out is not None else s.e / denom
 
 
 def d_full(s: Stats) -> Tensor:
     return s.d_hi if s.d_lo is None else s.d_hi + s.d_lo
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The fast CPU path: torch's fused kernel one precision up, with the rest sum where log(1 + r) loses digits.
+# ---------------------------------------------------------------------------------------------------------
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def wide_dtype(dtype: torch.dtype) -> torch.dtype:
+    """One precision above the input for fp32 (float64) and float32 for halves; float64 stays float64."""
+    return torch.float32 if dtype in _HALF else torch.float64
+
+
+# Rows whose L = log1p(r) is below this are recomputed with the rest sum: the fused kernel forms
+# log(1 + r) with an absolute error of one unit of the wide dtype, which must stay under a quarter ulp of
+# the output dtype relative to L (4 u_wide / u_out: 2**-27 for fp32 outputs, 2**-14 / 2**-11 for bf16 / fp16).
+_TINY_L = {torch.float64: 2.0**-26, torch.float32: 2.0**-10}
+
+
+def fast_path(x: Tensor, mask: Tensor | None) -> bool:
+    """CPU tensors without a mask, of a dtype with a wider one: served by ``block_logp``."""
+    return mask is None and x.device.type == "cpu" and x.dtype in (torch.float32, *_HALF)
+
+
+@torch.no_grad()
+def block_logp(x2: Tensor, ws: Workspace | None = None) -> tuple[Tensor, Tensor]:
+    """(log_softmax, L) of a contiguous (R, V) block in ``wide_dtype``, accurate to the output's rounding.
+
+    Off the fast path (accelerator tensors, float64) the rows come from ``row_stats``; with torch's edge
+    behaviour (NaN rows for all -inf or any +inf) in both cases.
+    """
+    wide = wide_dtype(x2.dtype)
+    if not fast_path(x2, None):
+        s = row_stats(x2, None, False, ws)
+        y = s.d_hi.to(wide) - s.L.to(wide)
+        return (y if s.d_lo is None else y.add_(s.d_lo.to(wide))), s.L.to(wide)
+    # The shifted formula in the wide dtype: d = x - max is exact there, exp and the sum carry 29 (or 13)
+    # extra bits, so every entry is right after one rounding, except through log(1 + r) for tiny r.
+    y = torch.log_softmax(x2, 1, dtype=wide)
+    L = y.amax(dim=1, keepdim=True).neg_()  # the max's log-probability is 0 - L
+    fix = L < _TINY_L[wide]  # NaN rows compare False and keep torch's NaN
+    rows = fix.view(-1).nonzero().view(-1)  # a host sync, fine on the CPU
+    if rows.numel():
+        s = row_stats(x2.index_select(0, rows).to(wide), None, False, ws)
+        y.index_copy_(0, rows, s.d_hi - s.L)  # wide input: d_lo is None (float64) or carried in d_hi below
+        if s.d_lo is not None:
+            y.index_add_(0, rows, s.d_lo)
+        L.index_copy_(0, rows, s.L)
+    return y, L
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -157,13 +236,22 @@ def _direct_out(dst: Tensor) -> Tensor | None:
     return None
 
 
+@torch.no_grad()
 def normalize_fwd(xv: Tensor, mv: Tensor | None, log: bool, out: Tensor) -> Tensor:
     """softmax / log_softmax of every row of ``xv`` (*lead, V), written into ``out`` (same shape, any strides)."""
     if xv.shape[-1] == 0 or out.numel() == 0:
         return out
     masked = mv is not None
+    ws = Workspace()
+    if fast_path(xv, mv):
+        wide = wide_dtype(xv.dtype)
+        for sl, x2, _ in _blocks(xv, None):
+            # softmax needs no repair: 1 + r is formed in the wide dtype, and nothing is subtracted from it.
+            y = block_logp(x2, ws)[0] if log else torch.softmax(x2, 1, dtype=wide)
+            _store(out[sl], y)
+        return out
     for sl, x2, m2 in _blocks(xv, mv):
-        s = row_stats(x2, m2, masked)
+        s = row_stats(x2, m2, masked, ws)
         dst = out[sl]
         direct = _direct_out(dst) if dst.dtype == working_dtype(x2.dtype) else None
         res = log_softmax_from(s, direct) if log else softmax_from(s, direct)
@@ -172,6 +260,7 @@ def normalize_fwd(xv: Tensor, mv: Tensor | None, log: bool, out: Tensor) -> Tens
     return out
 
 
+@torch.no_grad()
 def lse_fwd(xv: Tensor, mv: Tensor | None) -> Tensor:
     """logsumexp of every row of ``xv`` in working precision, shape ``lead``."""
     lead = xv.shape[:-1]
@@ -179,12 +268,25 @@ def lse_fwd(xv: Tensor, mv: Tensor | None) -> Tensor:
     if xv.shape[-1] == 0:
         return torch.full(lead, -math.inf, dtype=wd, device=xv.device)
     out = torch.empty(lead, dtype=wd, device=xv.device)
+    ws = Workspace()
+    if fast_path(xv, mv):
+        wide = wide_dtype(xv.dtype)
+        for sl, x2, _ in _blocks(xv, None):
+            a = x2.amax(dim=1).to(wide)
+            lse = torch.logsumexp(x2.to(wide), dim=1)
+            # lse - a recovers L only roughly, but a tiny (or lost) L is exactly what needs the rest sum.
+            rows = ((lse - a) < _TINY_L[wide]).nonzero().view(-1)
+            if rows.numel():
+                lse.index_copy_(0, rows, lse_of(row_stats(x2.index_select(0, rows).to(wide), None, True, ws)).view(-1))
+            _store(out[sl], lse)
+        return out
     for sl, x2, m2 in _blocks(xv, mv):
-        s = row_stats(x2, m2, True)
+        s = row_stats(x2, m2, True, ws)
         _store(out[sl], lse_of(s))
     return out
 
 
+@torch.no_grad()
 def softmax_bwd(y: Tensor, g: Tensor, dx: Tensor) -> Tensor:
     """dx = y * (g - sum(g * y)), formed in working precision, for (*lead, V) views."""
     if y.numel() == 0:
@@ -197,6 +299,7 @@ def softmax_bwd(y: Tensor, g: Tensor, dx: Tensor) -> Tensor:
     return dx
 
 
+@torch.no_grad()
 def log_softmax_bwd(y: Tensor, g: Tensor, mv: Tensor | None, dx: Tensor) -> Tensor:
     """dx = g - exp(y) * sum(g); entries excluded by ``mask`` get 0."""
     if y.numel() == 0:
@@ -211,6 +314,7 @@ def log_softmax_bwd(y: Tensor, g: Tensor, mv: Tensor | None, dx: Tensor) -> Tens
     return dx
 
 
+@torch.no_grad()
 def lse_bwd(xv: Tensor, lse: Tensor, g: Tensor, mv: Tensor | None, dx: Tensor) -> Tensor:
     """dx = g * exp(x - lse) with ``lse`` and ``g`` of shape lead; masked or all -inf rows get 0."""
     if xv.numel() == 0:

@@ -18,7 +18,14 @@ Names (keep stable):
 
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
+
+from .._config import interpreter_enabled
+
+# libdevice calls do not run in Triton's interpreter, where tl.exp / tl.log are numpy's (accurate) functions.
+# triton.jit itself decides interpreter or compiler when it decorates, so this module decides with it.
+_INTERPRETED = interpreter_enabled()
+if not _INTERPRETED:
+    from triton.language.extra import libdevice
 
 
 @triton.jit
@@ -26,15 +33,28 @@ def exp_fast(x):
     return tl.exp(x)
 
 
-@triton.jit
-def exp_acc(x):
-    # tl.exp lowers to ex2.approx(x * log2 e): |x| * 2**-24 relative error from the product alone.
-    return libdevice.exp(x)
+if _INTERPRETED:
 
+    @triton.jit
+    def exp_acc(x):
+        return tl.exp(x)
 
-@triton.jit
-def log1p_acc(r):
-    return libdevice.log1p(r)
+    @triton.jit
+    def log1p_acc(r):
+        # Goldberg's log1p from an accurate log: exact 1 + r rounding compensated by r / (u - 1).
+        u = 1.0 + r
+        return tl.where(u == 1.0, r, tl.log(u) * (r / (u - 1.0)))
+
+else:
+
+    @triton.jit
+    def exp_acc(x):
+        # tl.exp lowers to ex2.approx(x * log2 e): |x| * 2**-24 relative error from the product alone.
+        return libdevice.exp(x)
+
+    @triton.jit
+    def log1p_acc(r):
+        return libdevice.log1p(r)
 
 
 @triton.jit
@@ -123,3 +143,41 @@ def finish_lse(a, r):
     lse = tl.where(a == float("-inf"), float("-inf"), lse)
     lse = tl.where(a == float("inf"), float("inf"), lse)
     return tl.where(r != r, float("nan"), lse)
+
+
+if _INTERPRETED:
+
+    @triton.jit
+    def round_to(y, dtype: tl.constexpr):
+        """y (fp32) rounded to ``dtype`` to nearest even; the interpreter's own bf16 cast truncates."""
+        if dtype == tl.bfloat16:
+            bits = y.to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return y.to(dtype)
+
+else:
+
+    @triton.jit
+    def round_to(y, dtype: tl.constexpr):
+        """y (fp32) rounded to ``dtype`` to nearest even (cvt.rn)."""
+        return y.to(dtype)
+
+
+if _INTERPRETED:
+
+    @triton.jit
+    def to_f32(v):
+        """v widened to fp32 exactly; the interpreter's own bf16 cast flushes subnormals to zero."""
+        if v.dtype == tl.bfloat16:
+            return (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+        else:
+            return v.to(tl.float32)
+
+else:
+
+    @triton.jit
+    def to_f32(v):
+        """v widened to fp32 (exact)."""
+        return v.to(tl.float32)

@@ -125,3 +125,40 @@ def softmax_config(R: int, N: int, elem_size: int, strided: bool, device: torch.
         split = triton.cdiv(chunks, seg_chunks)
         return SoftmaxConfig("split", BLOCK_M, BLOCK_N, split, seg_chunks * BLOCK_N, _warps(BLOCK_M * BLOCK_N))
     return SoftmaxConfig("loop", BLOCK_M, BLOCK_N, 1, N, _warps(BLOCK_M * BLOCK_N))
+
+
+# cross-entropy ---------------------------------------------------------------------------------------------
+# Kernels of triton/cross_entropy.py (cross-entropy, selective log-softmax, entropy): one program per row.
+# A row of V <= CE_MAX_BLOCK_V classes is held in registers (read once); a longer row loops over CE_MAX_BLOCK_V
+# chunks twice (online (max, rest) pass, then the gradient pass whose re-read should hit L2).
+# 16384 fp32 working values over 16 warps is 32 per thread.  GPU numbers remain to be taken (no GPU yet).
+CE_MAX_BLOCK_V = 16384
+# Under the interpreter each block is NumPy work per program: smaller blocks keep the tests quick.
+CE_MAX_BLOCK_V_CPU = 4096
+
+_ce_block_override: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "logitkit_ce_block_override", default=None
+)
+
+
+@contextlib.contextmanager
+def force_cross_entropy(block_v: int) -> Iterator[None]:
+    """Test hook: cap BLOCK_V (a power of two) so short rows take the multi-block (looped) path."""
+    if block_v < 1 or block_v & (block_v - 1):
+        raise ValueError(f"block_v must be a power of two, got {block_v}")
+    token = _ce_block_override.set(block_v)
+    try:
+        yield
+    finally:
+        _ce_block_override.reset(token)
+
+
+def cross_entropy_config(V: int, device_type: str) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for rows of V classes."""
+    cap = CE_MAX_BLOCK_V if device_type == "cuda" else CE_MAX_BLOCK_V_CPU
+    forced = _ce_block_override.get()
+    if forced is not None:
+        cap = min(cap, forced)
+    block = min(triton.next_power_of_2(max(V, 1)), cap)
+    warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
+    return block, warps

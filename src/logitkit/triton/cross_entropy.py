@@ -34,35 +34,21 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import _tuning
+
 try:  # Triton >= 3.0 exposes the CUDA libdevice wrappers here.
     from triton.language.extra import libdevice
 except ImportError:  # pragma: no cover - very old Triton
     libdevice = None
 
 # ---------------------------------------------------------------------------------------------------------
-# Configs (the block/warp table lives in _tuning.py once it exists; these are this file's defaults)
+# Configs: the block/warp table is the "# cross-entropy" section of _tuning.py
 # ---------------------------------------------------------------------------------------------------------
-
-# Largest row held in registers by one program: 16384 fp32 values over 16 warps is 32 per thread.
-_MAX_BLOCK_V = 16384
-# Under the interpreter every block is NumPy work per program: smaller blocks keep tests quick.
-_MAX_BLOCK_V_INTERPRET = 4096
 
 
 def _block_config(V: int, device_type: str) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) for rows of V classes; tests monkeypatch this to force the multi-block path."""
-    try:
-        from . import _tuning
-
-        fn = getattr(_tuning, "cross_entropy_config", None)
-    except ImportError:
-        fn = None
-    if fn is not None:
-        return fn(V, device_type)
-    cap = _MAX_BLOCK_V if device_type == "cuda" else _MAX_BLOCK_V_INTERPRET
-    block = min(triton.next_power_of_2(max(V, 1)), cap)
-    warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
-    return block, warps
+    """(BLOCK_V, num_warps) for rows of V classes (tests force small blocks with _tuning.force_cross_entropy)."""
+    return _tuning.cross_entropy_config(V, device_type)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -244,6 +230,10 @@ def _ce_fwd_kernel(
     t = tl.load(t_ptr + row).to(tl.int64)
     valid = t != ignore_index
     t = tl.where(valid & (t >= 0) & (t < V), t, 0)  # never read out of bounds (range checked by the caller)
+    # the target logit is read before any gradient store: dx may alias x (inplace_backward)
+    x_t = tl.load(x_row + t).to(tl.float32)
+    if HAS_CAP:
+        x_t = cap * _tanh(x_t / cap, PRECISE)
 
     if SINGLE:
         cols = tl.arange(0, BLOCK_V)
@@ -300,9 +290,6 @@ def _ce_fwd_kernel(
 
     if WRITE_LOSS:
         # d_t = x_t - a as hi + lo: L - d_t is a sum of two non-negative terms
-        x_t = tl.load(x_row + t).to(tl.float32)
-        if HAS_CAP:
-            x_t = cap * _tanh(x_t / cap, PRECISE)
         hi_t = x_t - a_ref
         lo_t = 0.0
         if EXACT:

@@ -25,7 +25,8 @@ from torch import Tensor
 
 from ..reference import plain
 from . import _tuning
-from ._lib import combine_states, exp_diff, exp_fast, exp_acc, finish_lse, log1p_acc, merge_state, tile_state, two_diff
+from ._lib import (combine_states, exp_acc, exp_diff, exp_fast, finish_lse, log1p_acc, merge_state, round_to,
+                   tile_state, to_f32, two_diff)
 
 # ---------------------------------------------------------------------------------------------------------
 # Kernels.
@@ -46,7 +47,7 @@ def _load_row_tile(x_ptr, m_ptr, xrow, mrow, row_ok, cols, N, sx_n, sm_n, HAS_MA
     """fp32 tile; padding and masked-out entries (NaN included) read as -inf."""
     ok = row_ok[:, None] & (cols[None, :] < N)
     c64 = cols.to(tl.int64)[None, :]
-    x = tl.load(x_ptr + (xrow[:, None] + c64 * sx_n), mask=ok, other=float("-inf")).to(tl.float32)
+    x = to_f32(tl.load(x_ptr + (xrow[:, None] + c64 * sx_n), mask=ok, other=float("-inf")))
     if HAS_MASK:
         keep = tl.load(m_ptr + (mrow[:, None] + c64 * sm_n), mask=ok, other=0) != 0
         x = tl.where(keep, x, float("-inf"))
@@ -148,7 +149,7 @@ def _softmax_fwd_kernel(x_ptr, m_ptr, y_ptr, ws_ptr, R, N, K,
         x, ok = _load_row_tile(x_ptr, m_ptr, xrow, mrow, row_ok, cols, N, sx_n, sm_n, HAS_MASK)
         a, r = tile_state(x, EXACT)
         y = _normalised(x, a, r, LOG, HAS_MASK, EXACT)
-        tl.store(y_ptr + (yrow[:, None] + cols.to(tl.int64)[None, :] * sy_n), y.to(y_ptr.dtype.element_ty),
+        tl.store(y_ptr + (yrow[:, None] + cols.to(tl.int64)[None, :] * sy_n), round_to(y, y_ptr.dtype.element_ty),
                  mask=ok)
     else:
         if FROM_WS:  # "split": the partial states of this row's segments, combined
@@ -164,7 +165,7 @@ def _softmax_fwd_kernel(x_ptr, m_ptr, y_ptr, ws_ptr, R, N, K,
             x, ok = _load_row_tile(x_ptr, m_ptr, xrow, mrow, row_ok, cols, end, sx_n, sm_n, HAS_MASK)
             y = _normalised(x, a, r, LOG, HAS_MASK, EXACT)
             tl.store(y_ptr + (yrow[:, None] + cols.to(tl.int64)[None, :] * sy_n),
-                     y.to(y_ptr.dtype.element_ty), mask=ok)
+                     round_to(y, y_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -173,8 +174,8 @@ def _load_bwd_tile(y_ptr, g_ptr, m_ptr, yrow, grow, mrow, row_ok, cols, N, sy_n,
     """fp32 (y, g, keep) tiles; padding reads y = 0 (-inf for log), g = 0, keep = False."""
     ok = row_ok[:, None] & (cols[None, :] < N)
     c64 = cols.to(tl.int64)[None, :]
-    y = tl.load(y_ptr + (yrow[:, None] + c64 * sy_n), mask=ok, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + (grow[:, None] + c64 * sg_n), mask=ok, other=0.0).to(tl.float32)
+    y = to_f32(tl.load(y_ptr + (yrow[:, None] + c64 * sy_n), mask=ok, other=0.0))
+    g = to_f32(tl.load(g_ptr + (grow[:, None] + c64 * sg_n), mask=ok, other=0.0))
     if HAS_MASK:
         keep = (tl.load(m_ptr + (mrow[:, None] + c64 * sm_n), mask=ok, other=0) != 0) & ok
     else:
@@ -231,7 +232,7 @@ def _softmax_bwd_kernel(y_ptr, g_ptr, m_ptr, dx_ptr, ws_ptr, R, N, K,
                                         HAS_MASK)
         s, ymax = _bwd_partials(y, g, keep, LOG)
         dx = _bwd_values(y, g, keep, s, ymax, LOG, HAS_MASK, EXACT)
-        tl.store(dx_ptr + (drow[:, None] + cols.to(tl.int64)[None, :] * sd_n), dx.to(dx_ptr.dtype.element_ty),
+        tl.store(dx_ptr + (drow[:, None] + cols.to(tl.int64)[None, :] * sd_n), round_to(dx, dx_ptr.dtype.element_ty),
                  mask=ok)
     else:
         start = seg.to(tl.int64) * SEGMENT
@@ -262,7 +263,7 @@ def _softmax_bwd_kernel(y_ptr, g_ptr, m_ptr, dx_ptr, ws_ptr, R, N, K,
                                                 sy_n, sg_n, sm_n, HAS_MASK)
                 dx = _bwd_values(y, g, keep, s, ymax, LOG, HAS_MASK, EXACT)
                 tl.store(dx_ptr + (drow[:, None] + cols.to(tl.int64)[None, :] * sd_n),
-                         dx.to(dx_ptr.dtype.element_ty), mask=ok)
+                         round_to(dx, dx_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -279,8 +280,8 @@ def _logsumexp_bwd_kernel(x_ptr, lse_ptr, g_ptr, m_ptr, dx_ptr, R, N, K,
     xrow = p * sx_p + k * sx_k
     mrow = p * sm_p + k * sm_k
     drow = p * sd_p + k * sd_k
-    lse = tl.load(lse_ptr + (p * sl_p + k * sl_k), mask=row_ok, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + (p * sg_p + k * sg_k), mask=row_ok, other=0.0).to(tl.float32)
+    lse = to_f32(tl.load(lse_ptr + (p * sl_p + k * sl_k), mask=row_ok, other=0.0))
+    g = to_f32(tl.load(g_ptr + (p * sg_p + k * sg_k), mask=row_ok, other=0.0))
     dead = lse == float("-inf")  # no mass: exp(x - lse) would be 0/0
     lse_safe = tl.where(dead, 0.0, lse)[:, None]
     start = seg.to(tl.int64) * SEGMENT
@@ -290,7 +291,7 @@ def _logsumexp_bwd_kernel(x_ptr, lse_ptr, g_ptr, m_ptr, dx_ptr, R, N, K,
         x, ok = _load_row_tile(x_ptr, m_ptr, xrow, mrow, row_ok, cols, end, sx_n, sm_n, HAS_MASK)
         dx = g[:, None] * exp_diff(x, lse_safe, EXACT)
         dx = tl.where(dead[:, None], 0.0, dx)
-        tl.store(dx_ptr + (drow[:, None] + cols.to(tl.int64)[None, :] * sd_n), dx.to(dx_ptr.dtype.element_ty),
+        tl.store(dx_ptr + (drow[:, None] + cols.to(tl.int64)[None, :] * sd_n), round_to(dx, dx_ptr.dtype.element_ty),
                  mask=ok)
 
 

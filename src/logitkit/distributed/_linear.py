@@ -1,0 +1,219 @@
+"""Vocab-parallel linear cross-entropy: hidden states (M, D) replicated, classifier rows (V_local, D) sharded.
+
+Math:     logits z = h W_loc^T (+ b_loc) are formed T tokens at a time (T = ``batch_chunk_size``, 1024 by
+          default) and reduced at once to per-row (a_loc, r_loc, z_t, sum_j w_j (z_j - a_loc)); the ranks
+          merge them with the (max, rest-sum) rule: all-reduce(max) -> a, then a rank below the max sends
+          (r_loc + 1) exp(a_loc - a), a rank at the max sends r_loc (ties add back their 1s), in one packed
+          all-reduce(sum). Backward recomputes each chunk's logits, forms dz = dloss/dz in the working
+          precision and accumulates dW_loc = dz^T h, db_loc = sum dz, dh = dz W_loc.
+Traffic:  forward 2 all-reduces of M * (5..6) + 2 float64 values; backward 1 all-reduce of dh (M * D, the
+          input gradient every vocab-parallel linear needs; ``reduce_input_grad=False`` leaves it to the
+          caller). Memory: O(T * V_local) temporaries, never the (M, V_local) logits.
+Numerics: one pass over the logits in forward; the merge runs in float64 (exp(a_loc - a) of float64
+          operands), the per-row tail (log1p, loss) too, rounded once; dz as reference/losses.ce_grad.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .. import _validate as check
+from ..autograd.losses import loss_dtype
+from ..reference.plain import working_dtype
+from . import _comm
+from ._functions import _local_target, ce_block_grad
+from ._stats import ACC, full_d, shifted
+from .functional import _class_weight, _replicated, unwrap
+
+DEFAULT_CHUNK = 1024  # tokens per chunk: T * V_local working-precision logits live at a time
+
+
+def _logits(h: Tensor, w: Tensor, b: Tensor | None, wd: torch.dtype) -> Tensor:
+    z = h @ w.t() if b is None else torch.addmm(b, h, w.t())
+    return z.to(wd)
+
+
+class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w_loc, b_loc, target, cw_loc, ignore_index, reduction, eps, chunk, shard, group,
+                reduce_input_grad):
+        M = h.shape[0]
+        wd = working_dtype(torch.promote_types(h.dtype, w_loc.dtype))
+        dev = h.device
+        size = shard.size
+        valid = target != ignore_index
+        has_w = cw_loc is not None
+        cwl = cw_loc.to(wd) if has_w else None
+        a_loc = torch.full((M,), -math.inf, dtype=wd, device=dev)
+        k = 4 + int(has_w) + int(eps > 0.0)  # r_loc, holds, has_nan, z_t, (w_t), (smoothing sum)
+        cols = torch.zeros(M, k, dtype=ACC, device=dev)
+        for c0 in range(0, M if size > 0 else 0, chunk):
+            sl = slice(c0, min(c0 + chunk, M))
+            z = _logits(h[sl], w_loc, b_loc, wd)
+            am, idx = z.max(dim=1, keepdim=True)
+            a_loc[sl] = am.squeeze(1)
+            d_hi, d_lo, e = shifted(z, am)
+            # The local rest sum: this shard's max is dropped here and added back by the merge below.
+            e.scatter_(1, idx, 0.0)
+            cols[sl, 0] = e.sum(dim=1, dtype=ACC)
+            owned, li = _local_target(target[sl].unsqueeze(1), shard.start, size, ignore_index)
+            cols[sl, 3] = torch.where(owned, z.gather(1, li), 0.0).squeeze(1).to(ACC)  # the raw target logit
+            j = 4
+            if has_w:
+                cols[sl, j] = torch.where(owned, cwl[li], 0.0).squeeze(1).to(ACC)
+                j += 1
+            if eps > 0.0:
+                d = full_d(d_hi, d_lo)
+                cols[sl, j] = (d.to(ACC) @ cwl.to(ACC)) if has_w else d.sum(dim=1, dtype=ACC)
+            del z, d_hi, d_lo, e
+        has_nan = torch.isnan(a_loc)
+        a = torch.where(has_nan, torch.full_like(a_loc, math.inf), a_loc)
+        _comm.all_reduce(a, "max", group)
+
+        a64, al64 = a.to(ACC), a_loc.to(ACC)
+        holds = (a_loc == a) & torch.isfinite(a)
+        # Below the global max: (r_loc + 1) exp(a_loc - a), the shard's own max now counted, in float64.
+        scale = torch.exp(torch.where(holds, torch.zeros_like(al64), al64 - a64))
+        scale = torch.where(torch.isneginf(al64), torch.zeros_like(scale), scale)  # empty / all -inf shard
+        cols[:, 0] = torch.where(holds, cols[:, 0], (cols[:, 0] + 1.0) * scale)
+        cols[:, 1] = holds.to(ACC)
+        cols[:, 2] = has_nan.to(ACC)
+        shift = torch.where(torch.isfinite(al64) & torch.isfinite(a64), al64 - a64, torch.zeros_like(al64))
+        W_loc = cwl.sum(dtype=ACC) if has_w else torch.tensor(float(size), dtype=ACC, device=dev)
+        if eps > 0.0:
+            # sum_j w_j (z_j - a) = sum_j w_j (z_j - a_loc) + W_loc (a_loc - a): two terms <= 0, no cancellation.
+            cols[:, -1] += W_loc * shift
+        scal = torch.stack([torch.tensor(float(size), dtype=ACC, device=dev), W_loc])
+        buf = torch.cat([cols.reshape(-1), scal])
+        _comm.all_reduce(buf, "sum", group)
+        cols = buf[: M * k].view(M, k)
+        C = shard.V if shard.V is not None else int(buf[M * k])  # host sync only with vocab_start=
+        if shard.V is None:
+            check.target_range(target, C, ignore_index)
+        W = buf[M * k + 1] if has_w else torch.tensor(float(C), dtype=ACC, device=dev)
+
+        r = cols[:, 0] + (cols[:, 1] - 1.0).clamp(min=0.0)
+        L = torch.log1p(r)
+        L = torch.where(torch.isinf(a64), torch.full_like(L, math.nan), L)
+        L = torch.where(cols[:, 2] > 0, torch.full_like(L, math.nan), L)
+        a_safe = torch.where(torch.isinf(a64), torch.zeros_like(a64), a64)
+        d_t = cols[:, 3] - a_safe
+        w_t = torch.where(valid, cols[:, 4] if has_w else torch.ones_like(L), torch.zeros_like(L))
+        row = (1.0 - eps) * w_t * (L - d_t)  # L >= 0 and -d_t >= 0: no cancellation
+        if eps > 0.0:
+            smooth = L * W - cols[:, -1]  # sum_j w_j (L - d_j): both terms >= 0
+            row = row + torch.where(valid, (eps / C) * smooth, torch.zeros_like(smooth))
+        row = torch.where(valid, row, torch.zeros_like(row))
+        denom = w_t.sum() if reduction == "mean" else None
+        if reduction == "none":
+            loss = row
+        else:
+            loss = row.sum() if reduction == "sum" else row.sum() / denom
+        ctx.opts = (ignore_index, reduction, eps, chunk, shard.start, size, C, group, reduce_input_grad, wd)
+        ctx.save_for_backward(h, w_loc, b_loc, target, cw_loc, a, L.to(wd), w_t.to(wd), W.to(wd), denom)
+        return loss.to(loss_dtype(wd))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        h, w_loc, b_loc, target, cw_loc, a, L, w_t, W, denom = ctx.saved_tensors
+        ignore_index, reduction, eps, chunk, start, size, C, group, reduce_input_grad, wd = ctx.opts
+        M = h.shape[0]
+        valid = target != ignore_index
+        if reduction == "none":
+            gr = g.to(wd)
+        else:
+            gr = g.to(wd).expand(M)
+            if reduction == "mean":
+                gr = torch.where(valid, gr / denom.to(wd), torch.zeros_like(gr))
+        cwl = cw_loc.to(wd) if cw_loc is not None else None
+        Wv = W if cw_loc is not None else float(C)
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        dh = torch.zeros(h.shape, dtype=wd, device=h.device) if need_h else None
+        dw = torch.zeros(w_loc.shape, dtype=wd, device=h.device) if need_w else None
+        db = torch.zeros(size, dtype=wd, device=h.device) if need_b and b_loc is not None else None
+        zeros = torch.zeros(1, dtype=wd, device=h.device)
+        for c0 in range(0, M if size > 0 else 0, chunk):
+            sl = slice(c0, min(c0 + chunk, M))
+            z = _logits(h[sl], w_loc, b_loc, wd)
+            n = z.shape[0]
+            dz = ce_block_grad(
+                z, a[sl].unsqueeze(1), L[sl].unsqueeze(1), zeros.expand(n, 1), target[sl].unsqueeze(1),
+                w_t[sl].unsqueeze(1), gr[sl].unsqueeze(1), cwl, Wv, (ignore_index, eps, 0.0, start, size, C),
+            )
+            del z
+            dzc = dz.to(h.dtype)
+            if dh is not None:
+                dh[sl] = dzc @ w_loc.to(h.dtype)
+            if dw is not None:
+                dw.addmm_(dz.t(), h[sl].to(wd))
+            if db is not None:
+                db += dz.sum(dim=0)
+        if dh is not None and reduce_input_grad:
+            _comm.all_reduce(dh, "sum", group)  # dh = sum over shards of dz W_loc: the one backward collective
+        return (
+            dh.to(h.dtype) if dh is not None else None,
+            dw.to(w_loc.dtype) if dw is not None else None,
+            db.to(b_loc.dtype) if db is not None else None,
+        ) + (None,) * 9
+
+
+def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *,
+                         linear_bias: Tensor | None = None, weight: Tensor | None = None, reduction: str = "mean",
+                         ignore_index: int | None = None, label_smoothing: float = 0.0, options=None,
+                         group=None, vocab_start: int | None = None, reduce_input_grad: bool = True) -> Tensor:
+    """``cross_entropy(linear(input, full_weight, full_bias), target)`` with the classifier rows sharded.
+
+    Mirrors ``torch.nn.functional.linear_cross_entropy``: ``input`` (D,) or (N, D), replicated on every
+    rank; ``linear_weight`` this rank's (V_local, D) rows; ``linear_bias`` its (V_local,) slice; ``weight``
+    the full (V,) class weight or its (V_local,) slice; ``target`` global class indices; ``ignore_index``
+    None means -100. ``options`` (a ``torch.nn.LinearCrossEntropyOptions``): only ``batch_chunk_size`` is
+    read (tokens per chunk, default 1024); accumulation is always the working precision with float64
+    partial sums, whatever ``acc_policy`` says. The local logits are never materialised: T x V_local at a
+    time. ``reduce_input_grad=False`` skips the backward all-reduce of the input gradient, for callers
+    whose tensor-parallel region reduces it already (each rank then holds its shard's partial gradient).
+    """
+    h = _replicated(input)
+    wt, group, _ = unwrap(linear_weight, group, lambda n: 0)  # a DTensor weight is sharded on its rows
+    check.tensor("input", h)
+    check.tensor("linear_weight", wt)
+    target = _replicated(target)
+    check.tensor("target", target)
+    if not h.dtype.is_floating_point or not wt.dtype.is_floating_point:
+        raise TypeError("input and linear_weight must be floating-point tensors")
+    if wt.dim() != 2:
+        raise ValueError(f"linear_weight must be (V_local, D), got shape {tuple(wt.shape)}")
+    if h.dim() not in (1, 2) or h.shape[-1] != wt.shape[1]:
+        raise ValueError(f"input must be (D,) or (N, D) with D = {wt.shape[1]}, got shape {tuple(h.shape)}")
+    if target.dtype.is_floating_point:
+        raise NotImplementedError("vocab-parallel linear_cross_entropy takes class-index targets")
+    check.integer_target(target)
+    if tuple(target.shape) != tuple(h.shape[:-1]):
+        raise ValueError(f"target must have shape {tuple(h.shape[:-1])}, got {tuple(target.shape)}")
+    red = check.reduction(reduction, None, None)
+    eps = check.label_smoothing(label_smoothing)
+    ii = -100 if ignore_index is None else int(ignore_index)
+    chunk = DEFAULT_CHUNK
+    if options is not None:
+        bcs = getattr(options, "batch_chunk_size", None)
+        chunk = DEFAULT_CHUNK if bcs is None else int(bcs)
+    if chunk < 1:
+        raise ValueError(f"batch_chunk_size must be >= 1, got {chunk}")
+    b = _replicated(linear_bias)
+    if b is not None and (b.dim() != 1 or b.shape[0] != wt.shape[0]):
+        raise ValueError(f"linear_bias must be this rank's ({wt.shape[0]},) slice, got {tuple(b.shape)}")
+    shard = _comm.shard_of(group, wt.shape[0], vocab_start, wt.device, need_start=True)
+    if shard.V is not None:
+        if shard.V == 0:
+            raise ValueError("linear_weight must have at least one row across the group (V >= 1)")
+        check.target_range(target, shard.V, ii)
+    cw = _class_weight(weight, shard, h)
+    h2 = h.reshape(-1, h.shape[-1])
+    loss = VocabParallelLinearCrossEntropyFunction.apply(
+        h2, wt, b, target.reshape(-1).long(), cw, ii, red, eps, chunk, shard, group, bool(reduce_input_grad)
+    )
+    return loss.reshape(target.shape) if red == "none" else loss

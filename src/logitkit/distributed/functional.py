@@ -1,0 +1,208 @@
+"""Vocab-parallel softmax family: the class dimension is sharded across the ranks of a process group.
+
+Each rank holds a contiguous slice of the classes, in rank order, slices may be uneven (even empty). The
+functions take the single-device signatures plus keyword-only ``group`` (default: the world) and
+``vocab_start`` (this rank's first class; default: one all-gather of the local sizes, cached per
+(group, local size)). A ``torch.distributed.tensor.DTensor`` sharded on the class dimension is accepted in
+place of the local slice (its device mesh dimension gives the group).
+
+Outputs: softmax / log_softmax return this rank's slice (a DTensor for DTensor input); logsumexp, the
+losses, selective_log_softmax and entropy return the full result, identical on every rank. Backward gives
+each rank the gradient of its own slice; every rank must call backward with the same upstream gradient
+(the usual "loss replicated across the tensor-parallel group" contract).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .. import _validate as check
+from ._comm import Shard, shard_of
+from ._functions import (
+    VocabParallelCrossEntropyFunction,
+    VocabParallelEntropyFunction,
+    VocabParallelLogsumexpFunction,
+    VocabParallelSelectiveLogSoftmaxFunction,
+    VocabParallelSoftmaxFunction,
+)
+
+__all__ = ["softmax", "log_softmax", "logsumexp", "cross_entropy", "selective_log_softmax", "entropy"]
+
+
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without DTensor
+        return None
+    return DTensor
+
+
+def unwrap(input, group, cdim_of: Callable[[int], int]):
+    """(local tensor, group, rewrap) for a plain tensor or a DTensor sharded on its class dimension."""
+    DTensor = _dtensor_type()
+    if DTensor is None or not isinstance(input, DTensor):
+        return input, group, None
+    cdim = cdim_of(input.ndim)
+    mesh, placements = input.device_mesh, input.placements
+    sharded = [i for i, p in enumerate(placements) if p.is_shard()]
+    if len(sharded) != 1 or placements[sharded[0]].dim % input.ndim != cdim:
+        raise ValueError(
+            f"a DTensor input must be sharded on its class dimension ({cdim}) over exactly one mesh dimension "
+            f"and replicated elsewhere, got placements {placements}"
+        )
+    if any(not (p.is_shard() or p.is_replicate()) for p in placements):
+        raise ValueError(f"partial placements are not supported, got {placements}")
+    mesh_group = mesh.get_group(sharded[0])
+    if group is not None and group is not mesh_group:
+        raise ValueError("group= differs from the process group of the DTensor's sharded mesh dimension")
+
+    def rewrap(y: Tensor):
+        return DTensor.from_local(y, mesh, placements, run_check=False, shape=input.shape, stride=input.stride())
+
+    return input.to_local(), mesh_group, rewrap
+
+
+def _replicated(t):
+    DTensor = _dtensor_type()
+    return t.full_tensor() if DTensor is not None and isinstance(t, DTensor) else t
+
+
+def _last(name: str, dim, ndim: int) -> None:
+    if ndim == 0:
+        raise ValueError(f"{name}: a vocab-parallel input needs a class dimension (got a 0-d tensor)")
+    if dim != ndim - 1:
+        raise ValueError(f"{name}: the sharded class dimension must be the last (dim=-1), got dim={dim}")
+
+
+def _normalize(name, input, dim, stacklevel, dtype, mask, log, group, vocab_start):
+    x, group, rewrap = unwrap(input, group, lambda n: n - 1)
+    check.tensor("input", x)
+    if dim is None:
+        dim = check.implicit_softmax_dim(name, x.dim(), stacklevel + 1)
+    x = check.float_input("input", x, dtype)
+    d = check.dim(dim, max(x.dim(), 1))
+    _last(name, d, x.dim())
+    shard_of(group, x.shape[-1], vocab_start, x.device, need_start=False)  # validates vocab_start
+    m = check.mask(_replicated(mask), x)
+    y = VocabParallelSoftmaxFunction.apply(x, m, log, group)
+    return rewrap(y) if rewrap is not None else y
+
+
+def softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: torch.dtype | None = None,
+            *, mask: Tensor | None = None, group=None, vocab_start: int | None = None) -> Tensor:
+    """This rank's slice of ``softmax(full_input, dim=-1)``; 2 all-reduces forward, 1 (M values) backward.
+
+    ``mask`` is this rank's slice of the mask (``False`` excluded; an all-excluded row gives zeros).
+    """
+    return _normalize("softmax", input, dim, _stacklevel, dtype, mask, False, group, vocab_start)
+
+
+def log_softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: torch.dtype | None = None,
+                *, mask: Tensor | None = None, group=None, vocab_start: int | None = None) -> Tensor:
+    """This rank's slice of ``log_softmax(full_input, dim=-1)`` as ``x - max - log1p(rest)``; see ``softmax``."""
+    return _normalize("log_softmax", input, dim, _stacklevel, dtype, mask, True, group, vocab_start)
+
+
+def logsumexp(input: Tensor, dim, keepdim: bool = False, *, mask: Tensor | None = None, group=None,
+              vocab_start: int | None = None) -> Tensor:
+    """logsumexp over the sharded last dimension, replicated on every rank; 2 all-reduces, local backward."""
+    x, group, _ = unwrap(input, group, lambda n: n - 1)
+    check.tensor("input", x)
+    x = x if x.dtype.is_floating_point else x.to(torch.get_default_dtype())
+    dims = check.dims(dim, max(x.dim(), 1))
+    if len(dims) != 1:
+        raise ValueError("logsumexp: only the sharded class dimension (the last) can be reduced")
+    _last("logsumexp", dims[0], x.dim())
+    shard_of(group, x.shape[-1], vocab_start, x.device, need_start=False)
+    m = check.mask(_replicated(mask), x)
+    out = VocabParallelLogsumexpFunction.apply(x, m, group)
+    return out.unsqueeze(-1) if keepdim else out
+
+
+def _class_weight(weight, shard: Shard, x: Tensor) -> Tensor | None:
+    """The local slice of a class weight given in full (V,) or already sliced (V_local,)."""
+    if weight is None:
+        return None
+    w = _replicated(weight)
+    if isinstance(w, Tensor) and w.dim() == 1 and w.shape[0] == shard.size:
+        return check.class_weight(w, shard.size, x)
+    full = shard.V if shard.V is not None else (w.shape[0] if isinstance(w, Tensor) and w.dim() == 1 else -1)
+    if shard.V is None and full < shard.start + shard.size:
+        full = shard.start + shard.size  # too short to hold this rank's slice: report the size it needs
+    check.class_weight(w, full, x)
+    return w[shard.start : shard.start + shard.size]
+
+
+def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, size_average=None,
+                  ignore_index: int = -100, reduce=None, reduction: str = "mean", label_smoothing: float = 0.0,
+                  *, z_loss: float = 0.0, softcap: float | None = None, group=None,
+                  vocab_start: int | None = None) -> Tensor:
+    """Cross-entropy with the class dimension sharded; ``target`` holds global class indices (replicated).
+
+    ``weight`` is the full (V,) class weight or this rank's (V_local,) slice. Two all-reduces in forward
+    (the max, then one packed sum of per-row terms), none in backward. The loss is replicated on every rank
+    and equals the single-process ``logitkit.cross_entropy`` of the gathered logits.
+    """
+    x, group, _ = unwrap(input, group, lambda n: 1 if n >= 2 else 0)
+    check.tensor("input", x)
+    target = _replicated(target)
+    check.tensor("target", target)
+    x = check.float_input("input", x, None)
+    cdim = check.loss_input("input", x)
+    red = check.reduction(reduction, size_average, reduce)
+    eps = check.label_smoothing(label_smoothing)
+    z = check.nonneg_float("z_loss", z_loss)
+    cap = check.softcap(softcap)
+    if target.dtype.is_floating_point:
+        raise NotImplementedError("vocab-parallel cross_entropy takes class-index targets (probabilities: not yet)")
+    check.integer_target(target)
+    check.class_target_shape(x, target, cdim)
+    shard = shard_of(group, x.shape[cdim], vocab_start, x.device, need_start=True)
+    if shard.V is not None:
+        if shard.V == 0:
+            raise ValueError("input must have at least one class (C >= 1)")
+        check.target_range(target, shard.V, ignore_index)
+    w = _class_weight(weight, shard, x)
+    loss, _ = VocabParallelCrossEntropyFunction.apply(
+        x.movedim(cdim, -1), target.long(), w, ignore_index, red, eps, z, cap, shard, group
+    )
+    return loss
+
+
+def selective_log_softmax(input: Tensor, index: Tensor, dim: int = -1, *, group=None,
+                          vocab_start: int | None = None) -> Tensor:
+    """``log_softmax(full_input, -1).gather(-1, index)`` for global ``index`` (replicated); local backward."""
+    x, group, _ = unwrap(input, group, lambda n: n - 1)
+    check.tensor("input", x)
+    x = check.float_input("input", x, None)
+    if x.dim() == 0:
+        raise ValueError("input must have at least 1 dimension")
+    d = check.dim(dim, x.dim())
+    _last("selective_log_softmax", d, x.dim())
+    idx = _replicated(index)
+    shard = shard_of(group, x.shape[-1], vocab_start, x.device, need_start=True)
+    if shard.V is not None:
+        # Range-check against the global V: the local shape check would reject global indices.
+        check.index_tensor(_global_view(x, shard.V), idx, d)
+    elif not isinstance(idx, Tensor) or idx.dim() != x.dim():
+        raise ValueError("index must be a tensor with as many dimensions as input")
+    return VocabParallelSelectiveLogSoftmaxFunction.apply(x, idx.long(), shard, group)
+
+
+def _global_view(x: Tensor, V: int) -> Tensor:
+    """A stand-in of the global (*lead, V) input's shape, without memory (an expanded 0-stride view)."""
+    return torch.zeros((), dtype=x.dtype, device=x.device).expand(*x.shape[:-1], V)
+
+
+def entropy(input: Tensor, dim: int = -1, *, group=None, vocab_start: int | None = None) -> Tensor:
+    """Shannon entropy (nats) of ``softmax(full_input, -1)``, replicated; 2 all-reduces, local backward."""
+    x, group, _ = unwrap(input, group, lambda n: n - 1)
+    check.tensor("input", x)
+    x = check.float_input("input", x, None)
+    d = check.dim(dim, max(x.dim(), 1))
+    _last("entropy", d, x.dim())
+    shard_of(group, x.shape[-1], vocab_start, x.device, need_start=False)
+    return VocabParallelEntropyFunction.apply(x, group)

@@ -1,0 +1,396 @@
+"""Triton kernels of cross-entropy, selective log-softmax and entropy, in the interpreter (TRITON_INTERPRET=1).
+
+Every path of triton/cross_entropy.py against a float64 torch oracle: class-index and probability targets,
+weight, ignore_index, reductions, label smoothing, z_loss, softcap, K-dim inputs, rows in one block and rows
+looped over several blocks (forced small with ``_tuning.force_cross_entropy``), fused gradient in forward,
+recompute backward ('none', retain_graph), double backward, inplace_backward, the launcher API.
+Shapes are small: the interpreter runs every program in NumPy on a shared CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import logitkit as lk
+
+pytestmark = [
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_available(),
+                       reason="needs TRITON_INTERPRET=1 (or a GPU)"),
+    pytest.mark.filterwarnings("ignore::RuntimeWarning"),  # NumPy warns on inf - inf in guarded lanes
+]
+
+triton = pytest.importorskip("triton")
+from logitkit.triton import _tuning  # noqa: E402
+from logitkit.triton import cross_entropy as kernels  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+# The three kernel dtypes (float64 stays on the reference path).
+DTYPES = [F16, BF16, F32]
+# "single": V = 37 fits one block; "looped": BLOCK_V forced to 8, so 37 = 4 full blocks + a ragged one.
+PATHS = ["single", "looped"]
+V = 37
+M = 6
+
+
+def _path(path):
+    return _tuning.force_cross_entropy(8) if path == "looped" else _tuning.force_cross_entropy(1 << 16)
+
+
+def _grad_tol(dtype):
+    # one rounding of the gradient to the output dtype, plus fp32 working-precision noise
+    return {F16: 2.0**-10, BF16: 2.0**-7, F32: 2.0**-21}[dtype]
+
+
+def _check_grad(got, want, dtype):
+    assert got.dtype == dtype
+    scale = want.abs().max().item() + 1e-30
+    err = (got.double() - want).abs().max().item()
+    assert err <= 2 * _grad_tol(dtype) * scale, (err, scale)
+
+
+def _check_loss(got, want):
+    assert got.dtype == torch.float32
+    err = (got.double() - want).abs().max().item() if got.numel() else 0.0
+    scale = want.abs().max().item() if want.numel() else 0.0
+    assert err <= 1e-5 * max(scale, 1e-3), (err, scale)
+
+
+def _oracle_ce(x, t, w, ii, red, eps, z, cap):
+    """float64 torch composite: F.cross_entropy on capped logits + z * lse**2 on counted rows."""
+    xd = x.double()
+    if cap is not None:
+        xd = cap * torch.tanh(xd / cap)
+    wd = None if w is None else w.double()
+    rows = F.cross_entropy(xd, t, weight=wd, ignore_index=ii, reduction="none", label_smoothing=eps)
+    valid = t != ii
+    if z:
+        lse = torch.logsumexp(xd, -1)
+        rows = rows + torch.where(valid, z * lse * lse, torch.zeros_like(lse))
+    if red == "none":
+        return rows
+    if red == "sum":
+        return rows.sum()
+    t_safe = torch.where(valid, t, torch.zeros_like(t))
+    wt = (wd[t_safe] if wd is not None else torch.ones_like(rows)) * valid
+    return rows.sum() / wt.sum()
+
+
+def _inputs(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(M, V, generator=g) * 4).to(dtype)
+    x[2, 5] = x[2].max() + 8  # a confident row
+    t = torch.randint(0, V, (M,), generator=g)
+    t[2] = 5
+    t[3] = -100
+    w = torch.rand(V, generator=g) + 0.5
+    return x.to(DEV), t.to(DEV), w.to(DEV)
+
+
+# Option sets: plain; weight with an ignored row; smoothing with weight; z_loss with softcap; everything.
+OPTIONS = {
+    "plain": dict(),
+    "weight": dict(weight=True),
+    "smooth_weight": dict(weight=True, label_smoothing=0.1),
+    "z_cap": dict(z_loss=1e-3, softcap=5.0),
+    "all": dict(weight=True, label_smoothing=0.2, z_loss=1e-2, softcap=3.0),
+}
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("opt", list(OPTIONS))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_class_targets(dtype, opt, path):
+    o = OPTIONS[opt]
+    x, t, w = _inputs(dtype)
+    w = w if o.get("weight") else None
+    kw = dict(label_smoothing=o.get("label_smoothing", 0.0))
+    ext = dict(z_loss=o.get("z_loss", 0.0), softcap=o.get("softcap"))
+    for red in ("mean", "sum", "none"):
+        xr = x.detach().clone().requires_grad_()
+        with lk.use_backend("triton"), _path(path):
+            loss = lk.cross_entropy(xr, t, w, reduction=red, **kw, **ext)
+        xd = x.double().requires_grad_()
+        want = _oracle_ce(xd, t, w, -100, red, kw["label_smoothing"], ext["z_loss"], ext["softcap"])
+        _check_loss(loss, want.detach())
+        g = torch.rand(loss.shape, dtype=torch.float32, device=DEV) + 0.5
+        with _path(path):
+            (gx,) = torch.autograd.grad(loss, xr, g)
+        (gw,) = torch.autograd.grad(want, xd, g.double())
+        _check_grad(gx, gw, dtype)
+        assert gx[3].abs().max() == 0  # ignored row
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prob_targets(dtype, path):
+    x, _, w = _inputs(dtype, seed=1)
+    y = torch.softmax(torch.randn(M, V, device=DEV), -1)
+    for red, kw in (("mean", dict()), ("sum", dict(weight=w, label_smoothing=0.1, z_loss=1e-2, softcap=4.0)),
+                    ("none", dict(label_smoothing=0.05))):
+        xr = x.detach().clone().requires_grad_()
+        with lk.use_backend("triton"), _path(path):
+            loss = lk.cross_entropy(xr, y, reduction=red, **kw)
+        xd = x.double().requires_grad_()
+        xc = xd if kw.get("softcap") is None else kw["softcap"] * torch.tanh(xd / kw["softcap"])
+        wd = kw.get("weight")
+        rows = F.cross_entropy(xc, y.double(), weight=None if wd is None else wd.double(), reduction="none",
+                               label_smoothing=kw.get("label_smoothing", 0.0))
+        if kw.get("z_loss"):
+            rows = rows + kw["z_loss"] * torch.logsumexp(xc, -1) ** 2
+        want = {"none": rows, "sum": rows.sum(), "mean": rows.mean()}[red]
+        _check_loss(loss, want.detach())
+        g = torch.rand(loss.shape, device=DEV) + 0.5
+        with _path(path):
+            (gx,) = torch.autograd.grad(loss, xr, g)
+        (gw,) = torch.autograd.grad(want, xd, g.double())
+        _check_grad(gx, gw, dtype)
+
+
+def test_prob_target_requiring_grad_uses_reference_gradients():
+    x, _, _ = _inputs(F32, seed=2)
+    y = torch.softmax(torch.randn(M, V, device=DEV), -1).requires_grad_()
+    xr = x.clone().requires_grad_()
+    with lk.use_backend("triton"):
+        loss = lk.cross_entropy(xr, y, label_smoothing=0.1)
+    gx, gy = torch.autograd.grad(loss, (xr, y))
+    xd, yd = x.double().requires_grad_(), y.detach().double().requires_grad_()
+    want = F.cross_entropy(xd, yd, label_smoothing=0.1)
+    gxw, gyw = torch.autograd.grad(want, (xd, yd))
+    _check_grad(gx, gxw, F32)
+    assert torch.allclose(gy.double(), gyw, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_selective_log_softmax(dtype, path):
+    x, _, _ = _inputs(dtype, seed=3)
+    idx = torch.randint(0, V, (M, 3), device=DEV)
+    idx[0, 1] = idx[0, 0]  # a repeated index sums its gradients, as scatter_add
+    idx[2, 0] = 5  # the confident row's argmax: 1 - p formed as r / (1 + r)
+    xr = x.clone().requires_grad_()
+    with lk.use_backend("triton"), _path(path):
+        out = lk.selective_log_softmax(xr, idx)
+    xd = x.double().requires_grad_()
+    want = torch.log_softmax(xd, -1).gather(-1, idx)
+    assert out.dtype == dtype
+    assert torch.allclose(out.double(), want, rtol=_grad_tol(dtype) * 2, atol=1e-12)
+    g = torch.randn(out.shape, device=DEV).to(dtype)
+    with _path(path):
+        (gx,) = torch.autograd.grad(out, xr, g)
+    (gw,) = torch.autograd.grad(want, xd, g.double())
+    _check_grad(gx, gw, dtype)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_entropy(dtype, path):
+    x, _, _ = _inputs(dtype, seed=4)
+    x[1, :3] = float("-inf")  # -inf logits contribute 0 (not 0 * -inf = NaN)
+    xr = x.clone().requires_grad_()
+    with lk.use_backend("triton"), _path(path):
+        h = lk.entropy(xr)
+    xd = x.double()
+    p, logp = torch.softmax(xd, -1), torch.log_softmax(xd, -1)
+    plogp = torch.where(p > 0, p * logp, torch.zeros_like(p))
+    want = -plogp.sum(-1)
+    _check_loss(h, want)
+    g = torch.randn(M, device=DEV)
+    with _path(path):
+        (gx,) = torch.autograd.grad(h, xr, g)
+    # dH/dx = -p (log p + H), analytic in float64 (autograd of the where() composite is NaN at -inf logits)
+    gw = -(plogp + p * want[:, None]) * g.double()[:, None]
+    _check_grad(gx, gw, dtype)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_with_stats(path):
+    x, t, w = _inputs(BF16, seed=5)
+    with lk.use_backend("triton"), _path(path):
+        s = lk.cross_entropy_with_stats(x, t, w, softcap=6.0)
+    with lk.use_backend("reference"):
+        r = lk.cross_entropy_with_stats(x, t, w, softcap=6.0)
+    xc = 6.0 * torch.tanh(x.double() / 6.0)
+    assert s.lse.dtype == s.entropy.dtype == torch.float32 and s.lse.shape == s.entropy.shape == (M,)
+    _check_loss(s.lse, torch.logsumexp(xc, -1))
+    p = torch.softmax(xc, -1)
+    _check_loss(s.entropy, -(p * torch.log_softmax(xc, -1)).sum(-1))
+    _check_loss(s.loss, r.loss.double())
+    _check_loss(s.entropy, r.entropy.double())
+
+
+def test_kdim_and_noncontiguous():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, V, 3, generator=g).to(DEV)  # (N, C, d1): the class dim is not the last one
+    t = torch.randint(0, V, (2, 3), generator=g).to(DEV)
+    for xin in (x, x.transpose(0, 2).contiguous().transpose(0, 2)):
+        xr = xin.clone().requires_grad_()
+        with lk.use_backend("triton"):
+            loss = lk.cross_entropy(xr, t, label_smoothing=0.1)
+        loss.backward()
+        xd = xin.double().requires_grad_()
+        want = F.cross_entropy(xd, t, label_smoothing=0.1)
+        want.backward()
+        _check_loss(loss, want.detach())
+        _check_grad(xr.grad, xd.grad, F32)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_retain_graph_twice_and_scaled_grad_output(path):
+    """The fused buffer is handed over once; the second backward recomputes (never zero or stale)."""
+    x, t, w = _inputs(F32, seed=7)
+    xr = x.clone().requires_grad_()
+    with lk.use_backend("triton"), _path(path):
+        loss = lk.cross_entropy(xr, t, w, z_loss=1e-3) * 3.0  # grad_output 3: the in-place scale runs
+        loss.backward(retain_graph=True)
+        first = xr.grad.clone()
+        loss.backward()
+    xd = x.double().requires_grad_()
+    want = _oracle_ce(xd, t, w, -100, "mean", 0.0, 1e-3, None) * 3.0
+    (gw,) = torch.autograd.grad(want, xd)
+    _check_grad(first, gw, F32)
+    _check_grad(xr.grad - first, gw, F32)
+
+
+@pytest.mark.parametrize("red", ["mean", "none"])
+def test_double_backward(red):
+    x, t, w = _inputs(F32, seed=8)
+    xr = x.clone().requires_grad_()
+    with lk.use_backend("triton"):
+        loss = lk.cross_entropy(xr, t, w, reduction=red, label_smoothing=0.1, softcap=5.0)
+        (gx,) = torch.autograd.grad(loss.sum(), xr, create_graph=True)
+        (hv,) = torch.autograd.grad((gx * gx).sum(), xr)
+    xd = x.double().requires_grad_()
+    want = _oracle_ce(xd, t, w, -100, red, 0.1, 0.0, 5.0)
+    (gxd,) = torch.autograd.grad(want.sum(), xd, create_graph=True)
+    (hvd,) = torch.autograd.grad((gxd * gxd).sum(), xd)
+    _check_grad(gx.detach(), gxd.detach(), F32)
+    assert torch.allclose(hv.double(), hvd, rtol=1e-4, atol=1e-6 * hvd.abs().max().item())
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [BF16, F32])
+def test_inplace_backward(dtype, path):
+    x, t, _ = _inputs(dtype, seed=9)
+    leaf = x.clone().requires_grad_()
+    logits = leaf * 1.0  # a non-leaf, as a matmul output would be
+    with lk.use_backend("triton"), _path(path):
+        loss = lk.cross_entropy(logits, t, inplace_backward=True, label_smoothing=0.1)
+        loss.backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match="inplace_backward"):
+            loss.backward()
+    xd = x.double().requires_grad_()
+    (gw,) = torch.autograd.grad(F.cross_entropy(xd, t, label_smoothing=0.1), xd)
+    _check_grad(leaf.grad, gw, dtype)
+    _check_loss(loss, F.cross_entropy(x.double(), t, label_smoothing=0.1))
+    assert torch.equal(logits.detach(), leaf.grad)  # the logits' storage now holds the gradient
+
+
+def test_all_ignored_and_empty():
+    x, t, _ = _inputs(BF16, seed=10)
+    t = torch.full_like(t, -100)
+    with lk.use_backend("triton"):
+        xr = x.clone().requires_grad_()
+        loss = lk.cross_entropy(xr, t)
+        loss.backward()
+        assert math.isnan(loss.item()) and torch.all(xr.grad == 0)
+        xr.grad = None
+        loss = lk.cross_entropy(xr, t, reduction="sum")
+        loss.backward()
+        assert loss.item() == 0 and torch.all(xr.grad == 0)
+        e = torch.empty(0, V, device=DEV, requires_grad=True)
+        le = lk.cross_entropy(e, torch.empty(0, dtype=torch.long, device=DEV), reduction="sum")
+        le.backward()
+        assert le.item() == 0 and e.grad.shape == (0, V)
+
+
+def test_no_host_sync_in_mean(monkeypatch):
+    """The mean's denominator stays on the device: no .item() / nonzero() between launch and loss."""
+    x, t, w = _inputs(F32, seed=11)
+    xr = x.clone().requires_grad_()
+    monkeypatch.setattr(lk.functional.check, "target_range", lambda *a: None)  # the CPU-only range check
+
+    def boom(*a, **k):
+        raise AssertionError("host sync")
+
+    monkeypatch.setattr(torch.Tensor, "item", boom)
+    monkeypatch.setattr(torch.Tensor, "nonzero", boom)
+    with lk.use_backend("triton"):
+        loss = lk.cross_entropy(xr, t, w, label_smoothing=0.1)
+        loss.backward()
+    monkeypatch.undo()
+    assert torch.isfinite(loss) and torch.isfinite(xr.grad).all()
+
+
+def test_special_values():
+    """NUMERICS.md cases: confident row exact, -inf at target, NaN / +inf rows, -inf among finite values."""
+    x = torch.tensor([[0.0, -20.0, -30.0], [1.0, float("-inf"), 0.0], [float("-inf"), 1.0, 0.0],
+                      [float("nan"), 1.0, 0.0], [float("inf"), 1.0, 0.0]], device=DEV)
+    t = torch.tensor([0, 0, 0, 1, 1], device=DEV)
+    for path in PATHS:
+        xr = x.clone().requires_grad_()
+        with lk.use_backend("triton"), _path(path):
+            s = lk.cross_entropy_with_stats(xr, t, reduction="none")
+            s.loss.sum().backward()
+        truth = math.log1p(math.exp(-20.0) + math.exp(-30.0))
+        assert abs(s.loss[0].item() - truth) <= 2 * 2.0**-24 * truth
+        assert s.loss[2].item() == math.inf
+        assert math.isnan(s.loss[3].item()) and math.isnan(s.loss[4].item())
+        assert s.lse[4].item() == math.inf and math.isnan(s.lse[3].item())
+        assert torch.isfinite(s.loss[1]) and xr.grad[1, 1] == 0
+        # the confident row's gradient: -rest/(1+rest) at the target, sums to zero
+        g0 = xr.grad[0].double()
+        assert abs(g0.sum().item()) <= 1e-15 and g0[0].item() < 0
+
+
+def test_out_of_range_target_and_float64():
+    x, t, _ = _inputs(F32, seed=12)
+    bad = t.clone()
+    bad[0] = V
+    with lk.use_backend("triton"):
+        with pytest.raises(IndexError):
+            lk.cross_entropy(x, bad)
+        xd = x.double().requires_grad_()  # float64 keeps the reference path (float64 working precision)
+        loss = lk.cross_entropy(xd, t)
+        loss.backward()
+    want = F.cross_entropy(x.double(), t)
+    assert torch.allclose(loss, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_launcher_api(path):
+    """ce_fwd_out into caller buffers: per-row grad_scale and a device denominator, gradient over the logits."""
+    x, t, w = _inputs(BF16, seed=13)
+    gs = torch.rand(M, device=DEV) + 0.5
+    denom = torch.tensor([2.5], device=DEV)
+    f32 = dict(dtype=torch.float32, device=DEV)
+    loss, lse, ent = torch.empty(M, **f32), torch.empty(M, **f32), torch.empty(M, **f32)
+    buf = x.clone()
+    with _path(path):
+        kernels.ce_fwd_out(buf, t, loss=loss, lse=lse, entropy=ent, dx=buf, weight=w, label_smoothing=0.1,
+                           grad_scale=gs, denom=denom)
+        st = kernels.ce_fwd(x, t, weight=w, label_smoothing=0.1)
+        dx = kernels.ce_bwd(x, t, gs, weight=w, label_smoothing=0.1, denom=denom)
+    xd = x.double().requires_grad_()
+    want = _oracle_ce(xd, t, w, -100, "none", 0.1, 0.0, None)
+    (gw,) = torch.autograd.grad(want, xd, gs.double() / 2.5)
+    _check_loss(loss, want.detach())
+    _check_loss(st.loss, want.detach())
+    _check_loss(lse, torch.logsumexp(x.double(), -1))
+    _check_grad(buf, gw, BF16)
+    _check_grad(dx, gw, BF16)
+    assert st.dx is None and st.entropy is None
+
+
+def test_force_hook_reaches_the_looped_path():
+    with _tuning.force_cross_entropy(8):
+        assert kernels._block_config(V, "cpu")[0] == 8
+    assert kernels._block_config(V, "cpu")[0] == 64
+    with pytest.raises(ValueError):
+        with _tuning.force_cross_entropy(6):
+            pass

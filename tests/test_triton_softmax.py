@@ -1,0 +1,287 @@
+"""Triton softmax / log_softmax / logsumexp kernels in the interpreter: every regime, dtype, layout and mask=.
+
+Runs where the kernels can run (CUDA, or TRITON_INTERPRET=1 on the CPU); shapes are small because the
+interpreter executes every program in NumPy.  Regimes are forced with ``_tuning.force_softmax`` and a small
+chunk, so a 37-long row already takes the looped and split paths.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _tolerances import GRAD_SCALED, TORCH_SLACK, ULPS
+from _util import BF16, F16, F32, F64, TARGET_DTYPES
+
+import logitkit
+from logitkit.reference import oracle
+
+if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")):
+    pytest.skip("the Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+pytest.importorskip("triton")
+
+from logitkit.autograd.softmax import LogsumexpFunction, SoftmaxFunction  # noqa: E402
+from logitkit.triton import _tuning  # noqa: E402
+from logitkit.triton import softmax as kernels  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# Each regime with the blocks that make a 37-long row take it: one tile; 5 chunks of 8; 3 segments of 2 chunks.
+REGIMES = {
+    "row": dict(),
+    "loop": dict(block_n=8),
+    "split": dict(block_n=8, split=3),
+}
+# (shape, dim): the last dim, and a middle dim (strided reduction: stride 3, rows interleaved).
+LAYOUTS = [((3, 37), 1), ((2, 37, 3), 1)]
+OPS = ["softmax", "log_softmax", "logsumexp"]
+
+
+def _inputs(dtype, shape, dim, seed):
+    """NUMERICS.md families of length N on the reduced dim (families with ties, offsets and the dominant max)."""
+    N = shape[dim]
+    M = math.prod(shape) // N
+    for name, x in oracle.input_families(dtype, N, M=M, seed=seed):
+        lead = [s for i, s in enumerate(shape) if i != dim]
+        yield name, x.reshape(*lead, N).movedim(-1, dim).contiguous().to(DEVICE)
+
+
+def _grad(fn, x, g):
+    xr = x.detach().clone().requires_grad_()
+    (gx,) = torch.autograd.grad(fn(xr), xr, g)
+    return gx
+
+
+def _fn(op, dim, mask=None):
+    if op == "logsumexp":
+        return lambda t: logitkit.logsumexp(t, dim, mask=mask)
+    return lambda t: getattr(logitkit, op)(t, dim=dim, mask=mask)
+
+
+def _torch_fn(op, dim):
+    if op == "logsumexp":
+        return lambda t: torch.logsumexp(t, dim)
+    return lambda t: getattr(F, op)(t, dim)
+
+
+def _value_error(op, ours, x, dim, dtype):
+    if op == "logsumexp":
+        return oracle.lse_error(ours, oracle.logsumexp(x, dim), x, dim, dtype=dtype).max().item()
+    return oracle.ulp_error(ours, getattr(oracle, op)(x, dim), dtype).max().item()
+
+
+def _grad_truth(op, x, g, dim):
+    """(truth, condition scale) of the gradient, NUMERICS.md's metric."""
+    if op == "softmax":
+        return oracle.softmax_bwd(x, g, dim), oracle.softmax_bwd_scale(x, g, dim)
+    ga = g.double().abs()
+    p = oracle.softmax(x, dim)
+    if op == "log_softmax":
+        return oracle.log_softmax_bwd(x, g, dim), ga + p * ga.sum(dim, keepdim=True)
+    return oracle.logsumexp_bwd(x, g, dim), p * ga.unsqueeze(dim)
+
+
+def test_forced_configs_take_their_regime():
+    for regime, kw in REGIMES.items():
+        with _tuning.force_softmax(regime, **kw):
+            for strided in (False, True):
+                cfg = _tuning.softmax_config(6, 37, 4, strided, torch.device(DEVICE))
+                assert cfg.regime == regime, (regime, cfg)
+                if regime == "split":
+                    assert cfg.split == 3 and cfg.segment == 16
+    with pytest.raises(ValueError):
+        with _tuning.force_softmax("nope"):
+            pass
+
+
+# The automatic choice, without overrides (the CPU assumes 8 programs fill the device).
+@pytest.mark.parametrize(
+    "R, N, strided, regime",
+    [
+        (64, 1024, False, "row"),  # short rows: whole row in registers
+        (64, 1024, True, "loop"),  # the same rows along a strided dim: 16 rows per program, chunks of 512
+        (64, 40000, False, "loop"),  # long rows, enough of them
+        (2, 40000, False, "split"),  # long rows, too few of them
+        (1, 1, False, "row"),  # trivial row
+    ],
+)
+def test_automatic_regime(R, N, strided, regime):
+    cfg = _tuning.softmax_config(R, N, 4, strided, torch.device("cpu"))
+    assert cfg.regime == regime, cfg
+    assert cfg.BLOCK_N & (cfg.BLOCK_N - 1) == 0 and cfg.segment % cfg.BLOCK_N == 0 or cfg.split == 1
+
+
+# Values and gradients of every op in every regime, dtype and layout against the float64 oracle:
+# the NUMERICS.md targets and err(ours) <= err(torch, same dtype) + slack.
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["last", "middle"])
+@pytest.mark.parametrize("dtype", TARGET_DTYPES)
+@pytest.mark.parametrize("regime", list(REGIMES))
+def test_values_and_gradients(regime, dtype, layout):
+    shape, dim = layout
+    gen = torch.Generator().manual_seed(7)
+    bad = []
+    with logitkit.use_backend("triton"), _tuning.force_softmax(regime, **REGIMES[regime]):
+        for name, x in _inputs(dtype, shape, dim, seed=len(shape)):
+            for op in OPS:
+                ours = _fn(op, dim)(x)
+                assert ours.dtype == dtype
+                err = _value_error(op, ours, x, dim, dtype)
+                ref = _value_error(op, _torch_fn(op, dim)(x), x, dim, dtype)
+                if not (err <= ULPS[op][dtype] and err <= ref + TORCH_SLACK[dtype]):
+                    bad.append((name, op, "value", err, ref))
+                g = torch.randn(ours.shape, generator=gen, dtype=F64).to(dtype).to(DEVICE)
+                truth, scale = _grad_truth(op, x.cpu(), g.cpu(), dim)
+                gerr = oracle.scaled_error(_grad(_fn(op, dim), x, g), truth, scale, dtype).max().item()
+                gref = oracle.scaled_error(_grad(_torch_fn(op, dim), x, g), truth, scale, dtype).max().item()
+                if not (gerr <= GRAD_SCALED[dtype] and gerr <= gref + TORCH_SLACK[dtype]):
+                    bad.append((name, op, "grad", gerr, gref))
+    assert not bad, bad
+
+
+# A non-last dim is a strided reduction with the same chunking: bit-for-bit the contiguous last-dim result.
+@pytest.mark.parametrize("regime", list(REGIMES))
+def test_layouts_bit_for_bit(regime):
+    base = (torch.randn(3, 4, 37, dtype=F64) * 5).to(F32).to(DEVICE)
+    with logitkit.use_backend("triton"), _tuning.force_softmax(regime, **REGIMES[regime]):
+        for op in OPS:
+            fn = logitkit.logsumexp if op == "logsumexp" else getattr(logitkit, op)
+            ref = fn(base, -1) if op == "logsumexp" else fn(base, dim=-1)
+            for dim in (0, 1):
+                xd = base.movedim(-1, dim)
+                got = fn(xd, dim) if op == "logsumexp" else fn(xd, dim=dim)
+                want = ref if op == "logsumexp" else ref.movedim(-1, dim)
+                assert torch.equal(got, want), (op, dim)
+                assert torch.equal(fn(xd.contiguous(), dim) if op == "logsumexp" else fn(xd.contiguous(), dim=dim),
+                                   want), (op, dim)
+        strided = torch.randn(8, 74, dtype=F32, device=DEVICE)[::2, ::2]
+        assert torch.equal(logitkit.softmax(strided.t(), dim=0), logitkit.softmax(strided.contiguous(), dim=1).t())
+
+
+def _special_rows(dtype):
+    """Rows of length 37 with the NUMERICS.md special cases, and a mask (expanded, stride 0 over the batch)."""
+    x = torch.randn(7, 37, dtype=F64).mul(3).to(dtype)
+    x[1] = -math.inf  # all -inf
+    x[2, 5] = math.inf  # +inf in the row
+    x[3, 30] = math.nan  # NaN (masked out below)
+    x[4, 0] = math.nan  # NaN (kept)
+    x[5, ::2] = -math.inf  # -inf among finite values
+    x[6, 20:] = -math.inf  # live entries only where the mask drops them: a row without mass under mask=
+    keep = torch.ones(37, dtype=torch.bool)
+    keep[30:] = False
+    keep[1] = False
+    return x.to(DEVICE), keep.to(DEVICE).expand(7, 37)
+
+
+# Special values and mask= as the reference path, exactly where special (NaN/inf/0) and within the targets
+# elsewhere; gradients likewise (masked entries and rows without mass get 0).
+@pytest.mark.parametrize("dtype", [BF16, F32])
+@pytest.mark.parametrize("regime", list(REGIMES))
+def test_specials_and_mask_as_reference(regime, dtype):
+    x, keep = _special_rows(dtype)
+    keep = keep.clone()
+    keep[6, :20] = False  # row 6: every kept entry is -inf
+    gen = torch.Generator().manual_seed(1)
+    for mask in (None, keep.expand(7, 37), keep[0:1].expand(7, 37)):
+        for op in OPS:
+            fn = _fn(op, 1, mask)
+            with logitkit.use_backend("reference"):
+                want = fn(x)
+                g = torch.randn(want.shape, generator=gen).to(dtype).to(DEVICE)
+                gwant = _grad(fn, x, g)
+            with logitkit.use_backend("triton"), _tuning.force_softmax(regime, **REGIMES[regime]):
+                got = fn(x)
+                ggot = _grad(fn, x, g)
+            for a, b, what in ((got, want, "value"), (ggot, gwant, "grad")):
+                special = ~torch.isfinite(b) | (b == 0)
+                assert torch.equal(torch.isnan(a), torch.isnan(b)), (op, what, mask is None)
+                assert torch.equal(a[special & ~torch.isnan(b)], b[special & ~torch.isnan(b)]), (op, what)
+                tol = 4 * ULPS["softmax"][dtype] * torch.finfo(dtype).eps
+                close = (a - b).abs() <= tol * b.abs() + 1e-30
+                assert close[~special].all(), (op, what, (a - b)[~special].abs().max())
+
+
+def test_masked_log_softmax_gradient_ignores_masked_upstream():
+    # d/dx of sum(g * log_softmax(x, mask)) on the kept entries is g - p * sum(g over kept entries only):
+    # the masked outputs are constants (-inf), their upstream g must not enter the sum (oracle.log_softmax_bwd).
+    x = torch.randn(4, 37, dtype=F32, device=DEVICE)
+    keep = torch.rand(4, 37, device=DEVICE) > 0.3
+    g = torch.randn(4, 37, dtype=F32, device=DEVICE)
+    for regime, kw in REGIMES.items():
+        with logitkit.use_backend("triton"), _tuning.force_softmax(regime, **kw):
+            got = _grad(lambda t: logitkit.log_softmax(t, dim=1, mask=keep), x, g)
+        truth = oracle.log_softmax_bwd(x.cpu(), g.cpu(), 1, mask=keep.cpu())
+        assert (got.cpu().double() - truth).abs().max() <= 1e-5, regime
+
+
+def test_automatic_split_long_rows():
+    # No override: two rows of 20000 fp32 take the split regime (chunks of 2048) on the interpreter's 8 programs.
+    x = torch.randn(2, 20000, dtype=F32, device=DEVICE) * 4
+    assert _tuning.softmax_config(2, 20000, 4, False, x.device).regime == ("split" if DEVICE == "cpu" else
+                                                                           _tuning.softmax_config(2, 20000, 4, False, x.device).regime)
+    with logitkit.use_backend("triton"):
+        for op in OPS:
+            ours = _fn(op, 1)(x)
+            assert _value_error(op, ours, x, 1, F32) <= ULPS[op][F32], op
+
+
+def test_lengths_one_and_empty():
+    with logitkit.use_backend("triton"):
+        x = torch.randn(5, 1, dtype=F16, device=DEVICE)
+        assert torch.equal(logitkit.softmax(x, dim=1), torch.ones_like(x))
+        assert torch.equal(logitkit.log_softmax(x, dim=1), torch.zeros_like(x))
+        assert torch.equal(logitkit.logsumexp(x, 1), x[:, 0])
+        e = torch.randn(0, 5, device=DEVICE, requires_grad=True)
+        assert logitkit.softmax(e, dim=1).shape == (0, 5)
+        z = torch.randn(3, 0, device=DEVICE)
+        assert torch.equal(logitkit.logsumexp(z, 1), torch.full((3,), -math.inf, device=DEVICE))
+
+
+def test_float64_takes_the_reference_path():
+    x = torch.randn(3, 9, dtype=F64, device=DEVICE)
+    y = kernels.softmax_fwd(x, 1, log=True)
+    with logitkit.use_backend("reference"):
+        assert torch.equal(y, logitkit.log_softmax(x, dim=1))
+    assert kernels.logsumexp_fwd(x, 1).dtype == F64
+
+
+def test_out_variants_write_into_given_buffers():
+    x = torch.randn(4, 37, dtype=BF16, device=DEVICE)
+    out = torch.full_like(x, math.nan)
+    assert kernels.softmax_fwd_out(x, 1, out=out) is out
+    assert torch.equal(out, kernels.softmax_fwd(x, 1))
+
+
+# torch.library: the four ops pass opcheck (schema, fake impl, dispatch) and a fullgraph compile of the
+# autograd.Functions on the triton path captures them without a graph break, forward and backward.
+def test_library_opcheck():
+    x = torch.randn(3, 37, device=DEVICE)
+    keep = torch.rand(3, 37, device=DEVICE) > 0.2
+    y = torch.ops.logitkit.softmax_fwd(x, 1, keep, False)
+    lse = torch.ops.logitkit.logsumexp_fwd(x, 0, None)
+    assert lse.shape == (1, 37) and lse.dtype == F32
+    tests = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(torch.ops.logitkit.softmax_fwd.default, (x, 1, keep, False), test_utils=tests)
+    torch.library.opcheck(torch.ops.logitkit.softmax_bwd.default, (y, x, 1, None, True), test_utils=tests)
+    torch.library.opcheck(torch.ops.logitkit.logsumexp_fwd.default, (x, 0, keep), test_utils=tests)
+    torch.library.opcheck(torch.ops.logitkit.logsumexp_bwd.default, (x, lse, torch.randn(1, 37, device=DEVICE), 0, None),
+                          test_utils=tests)
+
+
+def test_compile_fullgraph_triton_path():
+    keep = torch.rand(4, 33, device=DEVICE) > 0.3
+
+    def f(x):
+        a = SoftmaxFunction.apply(x, 1, keep, True, True).clamp_min(-30.0).sum()
+        b = SoftmaxFunction.apply(x, 0, None, False, True).square().sum()
+        return a + b + LogsumexpFunction.apply(x, 1, None, True).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    x1 = torch.randn(4, 33, device=DEVICE, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    out, ref = compiled(x1), f(x2)
+    assert torch.equal(out, ref)
+    out.backward()
+    ref.backward()
+    assert torch.equal(x1.grad, x2.grad)

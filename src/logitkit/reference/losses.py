@@ -16,7 +16,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .plain import Workspace, as_rows, block_logp, iter_row_blocks, working_dtype
+from .plain import Workspace, as_rows, block_logp, block_lse, iter_row_blocks, working_dtype
+
+
+# Losses, lse and entropy are float32 even for half inputs, so their log-probabilities are formed in float64.
+LOSS_WIDE = torch.float64
 
 
 def capped(x2: Tensor, softcap: float | None) -> Tensor:
@@ -82,14 +86,18 @@ def ce_rows(
     for sl in iter_row_blocks(lead, C):
         x2 = capped(as_rows(xv[sl]), softcap)
         t_safe, valid = _targets(target, sl, ignore_index)
-        y, L = block_logp(x2, ws)
-        w = weight.to(y.dtype) if weight is not None else None
+        xw, a, L = block_lse(x2, ws, LOSS_WIDE)
+        w = weight.to(xw.dtype) if weight is not None else None
         w_t = _target_weight(w, t_safe, valid, L)
-        row = (1.0 - eps) * w_t * -y.gather(1, t_safe)
+        a_safe = torch.where(torch.isinf(a), torch.zeros_like(a), a)
+        # y_t = (x_t - max) - L: two non-positive terms, the first exact in the wide dtype.
+        row = (1.0 - eps) * w_t * (L - (xw.gather(1, t_safe) - a_safe))
         if eps > 0.0:
-            # -(eps/C) sum_j w_j y_j: every y_j <= 0, so the sum does not cancel.
-            row = row - torch.where(valid, (eps / C) * _wsum(y, w), torch.zeros_like(row))
-        l_row = _lse(x2, L)
+            # -(eps/C) sum_j w_j y_j = (eps/C) (L W - sum_j w_j (x_j - max)): both terms >= 0, no cancellation.
+            W = w.sum() if w is not None else float(C)
+            smooth = L * W - _wsum(xw - a_safe, w)
+            row = row + torch.where(valid, (eps / C) * smooth, torch.zeros_like(row))
+        l_row = torch.where(torch.isinf(a), a, a + L)
         if z_loss != 0.0:
             row = row + torch.where(valid, z_loss * l_row * l_row, torch.zeros_like(l_row))
         _store(loss[sl], row)
@@ -120,7 +128,7 @@ def ce_grad(
     for sl in iter_row_blocks(lead, C):
         x2 = capped(as_rows(xv[sl]), softcap)
         t_safe, valid = _targets(target, sl, ignore_index)
-        y, L = block_logp(x2, ws)
+        y, L = block_logp(x2, ws, LOSS_WIDE)
         g2 = g[sl].reshape(-1, 1).to(y.dtype)
         w = weight.to(y.dtype) if weight is not None else None
         W = w.sum() if w is not None else float(C)
@@ -164,7 +172,7 @@ def ce_prob_rows(
     ws = Workspace()
     for sl in iter_row_blocks(lead, C):
         x2 = capped(as_rows(xv[sl]), softcap)
-        y, L = block_logp(x2, ws)
+        y, L = block_logp(x2, ws, LOSS_WIDE)
         q = _smoothed(as_rows(target[sl]).to(y.dtype), label_smoothing, C)
         wq = q * weight.to(y.dtype) if weight is not None else q
         # -sum_j w_j q_j y_j: terms of one sign for q, w >= 0. 0 * -inf (a -inf logit with q = 0) counts 0.
@@ -199,7 +207,7 @@ def ce_prob_grad(
     ws = Workspace()
     for sl in iter_row_blocks(lead, C):
         x2 = capped(as_rows(xv[sl]), softcap)
-        y, L = block_logp(x2, ws)
+        y, L = block_logp(x2, ws, LOSS_WIDE)
         g2 = g[sl].reshape(-1, 1).to(y.dtype)
         w = weight.to(y.dtype) if weight is not None else None
         q = _smoothed(as_rows(target[sl]).to(y.dtype), label_smoothing, C)
@@ -225,7 +233,7 @@ def selective_rows(xv: Tensor, index: Tensor) -> Tensor:
     ws = Workspace()
     for sl in iter_row_blocks(lead, V):
         x2 = as_rows(xv[sl])
-        y, _ = block_logp(x2, ws)
+        y, _ = block_logp(x2, ws, LOSS_WIDE)
         _store(out[sl], y.gather(1, index[sl].reshape(x2.shape[0], -1)))
     return out
 
@@ -240,7 +248,7 @@ def selective_grad(xv: Tensor, index: Tensor, g: Tensor, out_dtype: torch.dtype)
     ws = Workspace()
     for sl in iter_row_blocks(lead, V):
         x2 = as_rows(xv[sl])
-        y, _ = block_logp(x2, ws)
+        y, _ = block_logp(x2, ws, LOSS_WIDE)
         i2 = index[sl].reshape(x2.shape[0], -1)
         g2 = g[sl].reshape(x2.shape[0], -1).to(y.dtype)
         res = torch.exp(y).mul_(-g2.sum(dim=1, keepdim=True)).scatter_add_(1, i2, g2)
@@ -264,7 +272,7 @@ def entropy_rows(xv: Tensor) -> Tensor:
         return out.fill_(0.0)
     ws = Workspace()
     for sl in iter_row_blocks(lead, V):
-        y, _ = block_logp(as_rows(xv[sl]), ws)
+        y, _ = block_logp(as_rows(xv[sl]), ws, LOSS_WIDE)
         _store(out[sl], -_plogp(y)[1].sum(dim=1))
     return out
 
@@ -278,7 +286,7 @@ def entropy_grad(xv: Tensor, g: Tensor, out_dtype: torch.dtype) -> Tensor:
         return dx
     ws = Workspace()
     for sl in iter_row_blocks(lead, V):
-        y, _ = block_logp(as_rows(xv[sl]), ws)
+        y, _ = block_logp(as_rows(xv[sl]), ws, LOSS_WIDE)
         p, plogp = _plogp(y)
         H = -plogp.sum(dim=1, keepdim=True)
         _store(dx[sl], (plogp + p * H).neg_().mul_(g[sl].reshape(-1, 1).to(y.dtype)))

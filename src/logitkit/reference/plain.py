@@ -188,15 +188,35 @@ def fast_path(x: Tensor, mask: Tensor | None) -> bool:
 
 
 @torch.no_grad()
-def block_logp(x2: Tensor, ws: Workspace | None = None) -> tuple[Tensor, Tensor]:
+def block_lse(x2: Tensor, ws: Workspace | None = None, wide: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(x in the wide dtype, max, L) of a contiguous (R, V) block: what a loss needs without the full y.
+
+    Then y_j = (x_j - max) - L for any j, accurate to the output's rounding (x - max is exact in the wide
+    dtype). Rows with a tiny L get the rest sum, as in ``block_logp``.  ``wide`` defaults to ``wide_dtype``;
+    losses ask for float64, because their output is float32 even for half inputs.
+    """
+    wide = wide_dtype(x2.dtype) if wide is None else wide
+    xw = x2.to(wide)
+    a = xw.amax(dim=1, keepdim=True)
+    if not fast_path(x2, None):
+        return xw, a, row_stats(xw, None, False, ws).L
+    L = torch.logsumexp(xw, dim=1, keepdim=True).sub_(a)  # the fused kernel, one precision up
+    rows = (L < _TINY_L[wide]).view(-1).nonzero().view(-1)  # confident rows (or L lost to rounding)
+    if rows.numel():
+        L.index_copy_(0, rows, row_stats(xw.index_select(0, rows), None, False, ws).L)
+    return xw, a, L
+
+
+@torch.no_grad()
+def block_logp(x2: Tensor, ws: Workspace | None = None, wide: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """(log_softmax, L) of a contiguous (R, V) block in ``wide_dtype``, accurate to the output's rounding.
 
     Off the fast path (accelerator tensors, float64) the rows come from ``row_stats``; with torch's edge
-    behaviour (NaN rows for all -inf or any +inf) in both cases.
+    behaviour (NaN rows for all -inf or any +inf) in both cases.  ``wide`` as in ``block_lse``.
     """
-    wide = wide_dtype(x2.dtype)
+    wide = wide_dtype(x2.dtype) if wide is None else wide
     if not fast_path(x2, None):
-        s = row_stats(x2, None, False, ws)
+        s = row_stats(x2.to(wide), None, False, ws)
         y = s.d_hi.to(wide) - s.L.to(wide)
         return (y if s.d_lo is None else y.add_(s.d_lo.to(wide))), s.L.to(wide)
     # The shifted formula in the wide dtype: d = x - max is exact there, exp and the sum carry 29 (or 13)

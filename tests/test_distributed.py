@@ -32,6 +32,11 @@ WORLDS = [2, 3]
 SPLITS = {2: [(20, 17), (1, 36)], 3: [(5, 20, 12), (0, 25, 12)]}
 # float32: ulps of the single-process value; float64: relative error.  Units of the "err" each case reports.
 TOL = {F32: 1.0, F64: 1e-12}
+# float32 budgets beyond 1 (units of the metric): the rest sum is summed in a different order across ranks,
+# so 1 + r can differ by 1 ulp: softmax e / (1 + r) by 2; gradients (condition-scaled, NUMERICS.md) by 2,
+# selective_log_softmax 5 (K scattered terms), entropy 10 (one process re-sums H in fp32 in its backward).
+# float64 needs no budget beyond TOL.
+F32_BUDGET = {"softmax.y": 2.0, "grad": 2.0, "selective_log_softmax.grad": 5.0, "entropy.grad": 10.0}
 DTYPES = [F32, F64]  # the two dtypes the issue names (half inputs use the same code path with fp32 working)
 
 
@@ -40,27 +45,11 @@ DTYPES = [F32, F64]  # the two dtypes the issue names (half inputs use the same 
 # --------------------------------------------------------------------------------------------------------
 
 
-def err(got: torch.Tensor, ref: torch.Tensor, row_scaled: bool = False) -> float:
-    """Worst elementwise error of got vs ref in units of TOL[ref.dtype]; special values must match exactly.
-
-    ``row_scaled`` (gradients): the unit is TOL of the largest magnitude in the row (the last dim), the
-    gradient analogue of the output metric: a gradient entry that cancels to ~0 has no relative accuracy
-    on one process either.
-    """
+def err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """Worst elementwise error of got vs ref: float32 in ulps of ref, float64 in units of TOL[F64] relative;
+    special values (NaN, +-inf) must match exactly."""
     got, ref = got.detach(), ref.detach()
-    if row_scaled and ref.dim() > 0 and ref.numel():
-        fin = torch.where(torch.isfinite(ref), ref, torch.zeros_like(ref))
-        mx = fin.abs().amax(dim=-1, keepdim=True).expand_as(ref)
-        if not ((torch.isnan(got) == torch.isnan(ref)).all() and (got[torch.isinf(ref)] == ref[torch.isinf(ref)]).all()):
-            return math.inf
-        ok = torch.isfinite(ref)
-        d = (got[ok].double() - ref[ok].double()).abs()
-        m = mx[ok]
-        unit = (torch.nextafter(m, torch.full_like(m, math.inf)) - m).double() if ref.dtype == F32 else m.double() * TOL[F64]
-        unit = unit.clamp_min(1e-300)
-        return float((d / unit).max()) if d.numel() else 0.0
-    assert got.shape == ref.shape, (got.shape, ref.shape)
-    assert got.dtype == ref.dtype, (got.dtype, ref.dtype)
+    assert got.shape == ref.shape and got.dtype == ref.dtype, (got.shape, ref.shape, got.dtype, ref.dtype)
     if ref.numel() == 0:
         return 0.0
     same_special = (torch.isnan(got) == torch.isnan(ref)).all() and (
@@ -75,15 +64,47 @@ def err(got: torch.Tensor, ref: torch.Tensor, row_scaled: bool = False) -> float
         a = ref[fin].abs()
         ulp = (torch.nextafter(a, torch.full_like(a, math.inf)) - a).double()
         return float(((g - r).abs() / ulp).max())
-    scale = r.abs().clamp_min(1e-300)
-    return float(((g - r).abs() / scale).max() / TOL[F64])
+    return float(((g - r).abs() / r.abs().clamp_min(1e-300)).max() / TOL[F64])
+
+
+def budget(op: str, what: str, dtype) -> float:
+    if dtype != F32:
+        return 1.0
+    return F32_BUDGET.get(f"{op}.{what}", F32_BUDGET["grad"] if what == "grad" else 1.0)
+
+
+def gerr(got: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor) -> float:
+    """Gradient error in NUMERICS.md's condition-scaled metric: |got - ref| / (unit * scale), where unit is
+    fp32 eps (1 ulp at 1) or TOL[F64], and ``scale`` the op's condition scale on one process (e.g. softmax
+    y_i (|g_i| + sum_j |g_j| y_j)): a gradient entry that cancels to ~0 carries no relative accuracy."""
+    got, ref, scale = got.detach(), ref.detach(), scale.detach()
+    if not ((torch.isnan(got) == torch.isnan(ref)).all() and (got[torch.isinf(ref)] == ref[torch.isinf(ref)]).all()):
+        return math.inf
+    ok = torch.isfinite(ref)
+    if not ok.any():
+        return 0.0
+    unit = torch.finfo(F32).eps if ref.dtype == F32 else TOL[F64]
+    d = (got[ok].double() - ref[ok].double()).abs()
+    sc = scale[ok].double().clamp_min(1e-300)
+    return float((d / (unit * sc)).max())
+
+
+def row_max(t: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """The largest finite magnitude of each row, broadcast back (the scale of a loss gradient row)."""
+    fin = torch.where(torch.isfinite(t), t, torch.zeros_like(t)).abs()
+    return fin.amax(dim=dim, keepdim=True).expand_as(t)
 
 
 class Ctx:
     def __init__(self, rank: int, world: int):
         self.rank, self.world = rank, world
 
+        self.sizes = None
+
     def split(self, x: torch.Tensor, sizes, dim: int = -1) -> torch.Tensor:
+        if sizes != self.sizes:  # every rank switches layouts at the same point: drop the cached offsets
+            lkd.reset_shard_cache()
+            self.sizes = sizes
         start = sum(sizes[: self.rank])
         return x.narrow(dim, start, sizes[self.rank]).contiguous()
 
@@ -147,8 +168,14 @@ def _normalize_case(log: bool, masked: bool):
                 m_loc = None if mask is None else ctx.split(mask, sizes)
                 y, gx = _grad_through(lambda t: dist_fn(t, -1, mask=m_loc), ctx.split(x, sizes), ctx.split(gy, sizes))
                 tag = f"{dtype}{sizes}"
-                out[f"y {tag}"] = err(y, ctx.split(y_ref, sizes))
-                out[f"dx {tag}"] = err(gx, ctx.split(gx_ref, sizes), True)
+                op = "log_softmax" if log else "softmax"
+                out[f"y {tag}"] = err(y, ctx.split(y_ref, sizes)) / budget(op, "y", dtype)
+                yr, gyr = y_ref.to(F64), gy.abs().to(F64)
+                if log:  # dx = g - p sum(g): scale |g_i| + p_i sum_j |g_j|
+                    sc = gyr + yr.exp() * gyr.sum(-1, keepdim=True)
+                else:  # dx = y (g - sum(g y)): scale y_i (|g_i| + sum_j |g_j| y_j)
+                    sc = yr * (gyr + (gyr * yr).sum(-1, keepdim=True))
+                out[f"dx {tag}"] = gerr(gx, ctx.split(gx_ref, sizes), ctx.split(sc, sizes)) / budget(op, "grad", dtype)
         return out
 
     return run
@@ -171,7 +198,7 @@ def _lse(ctx):
             y_ref, gx_ref = _grad_through(lambda t: logitkit.logsumexp(t, -1), x, g)
             y, gx = _grad_through(lambda t: lkd.logsumexp(t, -1), ctx.split(x, sizes), g)
             out[f"y {dtype}{sizes}"] = err(y, y_ref)
-            out[f"dx {dtype}{sizes}"] = err(gx, ctx.split(gx_ref, sizes), True)
+            out[f"dx {dtype}{sizes}"] = gerr(gx, ctx.split(gx_ref, sizes), ctx.split(gx_ref.abs(), sizes)) / budget("logsumexp", "grad", dtype)
     return out
 
 
@@ -206,7 +233,7 @@ def _ce(ctx):
                 y, gx = _grad_through(lambda s: lkd.cross_entropy(s, t, w_loc, **kw), ctx.split(x, sizes), g)
                 tag = f"{dtype}{sizes}{opt}"
                 out[f"loss {tag}"] = err(y, y_ref)
-                out[f"dx {tag}"] = err(gx, ctx.split(gx_ref, sizes), True)
+                out[f"dx {tag}"] = gerr(gx, ctx.split(gx_ref, sizes), ctx.split(row_max(gx_ref), sizes)) / budget("cross_entropy", "grad", dtype)
     return out
 
 
@@ -224,7 +251,7 @@ def _ce_extra(ctx):
             y_ref, gx_ref = _grad_through(lambda s: logitkit.cross_entropy(s, t, **kw), x, g)
             y, gx = _grad_through(lambda s: lkd.cross_entropy(s, t, **kw), ctx.split(x, sizes, 1), g)
             out[f"loss {dtype}{kw}"] = err(y, y_ref)
-            out[f"dx {dtype}{kw}"] = err(gx, ctx.split(gx_ref, sizes, 1), True)
+            out[f"dx {dtype}{kw}"] = gerr(gx, ctx.split(gx_ref, sizes, 1), ctx.split(row_max(gx_ref, 1), sizes, 1)) / budget("cross_entropy", "grad", dtype)
     return out
 
 
@@ -242,7 +269,7 @@ def _ce_vs(ctx):
             ctx.split(x, sizes), torch.tensor(1.0, dtype=dtype),
         )
         out[f"loss {dtype}"] = err(y, y_ref)
-        out[f"dx {dtype}"] = err(gx, ctx.split(gx_ref, sizes), True)
+        out[f"dx {dtype}"] = gerr(gx, ctx.split(gx_ref, sizes), ctx.split(row_max(gx_ref), sizes)) / budget("cross_entropy", "grad", dtype)
     return out
 
 
@@ -259,7 +286,9 @@ def _sel(ctx):
             y_ref, gx_ref = _grad_through(lambda s: logitkit.selective_log_softmax(s, idx), x, g)
             y, gx = _grad_through(lambda s: lkd.selective_log_softmax(s, idx), ctx.split(x, sizes), g)
             out[f"y {dtype}{sizes}"] = err(y, y_ref)
-            out[f"dx {dtype}{sizes}"] = err(gx, ctx.split(gx_ref, sizes), True)
+            p = logitkit.softmax(x.to(F64), -1)  # dx = scatter(g) - p sum(g): scale |scatter(g)| + p sum |g|
+            sc = torch.zeros_like(p).scatter_add_(1, idx, g.abs().to(F64)) + p * g.abs().to(F64).sum(-1, keepdim=True)
+            out[f"dx {dtype}{sizes}"] = gerr(gx, ctx.split(gx_ref, sizes), ctx.split(sc, sizes)) / budget("selective_log_softmax", "grad", dtype)
     return out
 
 
@@ -274,7 +303,155 @@ def _ent(ctx):
             y_ref, gx_ref = _grad_through(logitkit.entropy, x, g)
             y, gx = _grad_through(lkd.entropy, ctx.split(x, sizes), g)
             out[f"y {dtype}{sizes}"] = err(y, y_ref)
-            out[f"dx {dtype}{sizes}"] = err(gx, ctx.split(gx_ref, sizes), True)
+            p = logitkit.softmax(x.to(F64), -1)  # dx = -p (log p + H) g: scale p (|log p| + H) |g|
+            lp = torch.where(p > 0, p.log(), torch.zeros_like(p))
+            sc = p * (lp.abs() + y_ref.to(F64).unsqueeze(-1)) * g.abs().to(F64).unsqueeze(-1)
+            out[f"dx {dtype}{sizes}"] = gerr(gx, ctx.split(gx_ref, sizes), ctx.split(sc, sizes)) / budget("entropy", "grad", dtype)
+    return out
+
+
+@case("linear_cross_entropy")
+def _lce(ctx):
+    """Against an unfused float64 oracle: err(ours) <= err(torch's unfused fp32) + 2 ulps-ish (fp32), or
+    1e-12 relative (fp64). Chunks of 5 tokens so several chunks run, plus one ragged chunk."""
+    from torch.nn import LinearCrossEntropyOptions
+
+    out = {}
+    M, D = 13, 8
+    for dtype in DTYPES:
+        for sizes in SPLITS[ctx.world]:
+            V = sum(sizes)
+            g = _gen("lce")
+            h = torch.randn(M, D, generator=g, dtype=F64).to(dtype)
+            W = (torch.randn(V, D, generator=g, dtype=F64) * 0.7).to(dtype)
+            b = torch.randn(V, generator=g, dtype=F64).to(dtype)
+            t = torch.randint(0, V, (M,), generator=g)
+            t[4] = -100
+            cw = (torch.rand(V, generator=g, dtype=F64) + 0.5).to(dtype)
+            for kw in (dict(), dict(reduction="sum", label_smoothing=0.1, weight="cw"), dict(reduction="none")):
+                def ref_fn(hh, ww, bb, kw=kw):
+                    k = {**kw, "weight": cw.to(hh.dtype)} if "weight" in kw else kw
+                    return F.cross_entropy(F.linear(hh, ww, bb), t, **k)
+
+                def grads(fn, *args):
+                    leaves = [a.detach().clone().requires_grad_() for a in args]
+                    y = fn(*leaves)
+                    gy = torch.linspace(0.5, 1.5, y.numel(), dtype=y.dtype).reshape(y.shape)
+                    return (y.detach(), *torch.autograd.grad(y, leaves, gy))
+
+                oracle = grads(ref_fn, h.to(F64), W.to(F64), b.to(F64))
+                torch_same = grads(ref_fn, h, W, b)
+                k = {**kw, "weight": ctx.split(cw, sizes)} if "weight" in kw else kw
+                mine = grads(
+                    lambda hh, ww, bb: lkd.linear_cross_entropy(
+                        hh, ww, t, linear_bias=bb, options=LinearCrossEntropyOptions(batch_chunk_size=5), **k),
+                    h, ctx.split(W, sizes, 0), ctx.split(b, sizes),
+                )
+                for j, what in enumerate(("loss", "dh", "dW", "db")):
+                    o, tq, m = oracle[j], torch_same[j], mine[j]
+                    if what in ("dW", "db"):
+                        o, tq = ctx.split(o, sizes, 0), ctx.split(tq, sizes, 0)
+                    if m.numel() == 0:
+                        continue
+                    scale = o.abs().max().clamp_min(1e-30)
+                    e_m = float((m.to(F64) - o).abs().max() / scale)
+                    e_t = float((tq.to(F64) - o).abs().max() / scale)
+                    allowed = 1e-12 if dtype == F64 else e_t + 2 * torch.finfo(F32).eps
+                    out[f"{what} {dtype}{sizes}{kw}"] = e_m / allowed
+    return out
+
+
+@case("collectives")
+def _coll(ctx):
+    """CE: 2 all-reduces forward, none backward, bytes independent of V; softmax backward: one of M values."""
+    out = {}
+    sizes = SPLITS[ctx.world][0]
+    bytes_seen = []
+    for scale in (1, 4):
+        sz = tuple(n * scale for n in sizes)
+        V = sum(sz)
+        x = torch.randn(6, V, generator=_gen("coll"))
+        t = torch.randint(0, V, (6,), generator=_gen("tc"))
+        xl = ctx.split(x, sz).requires_grad_()
+        lkd.cross_entropy(xl, t)  # warm the offset cache (one all-gather)
+        with lkd.CollectiveCounter() as fwd:
+            loss = lkd.cross_entropy(xl, t, label_smoothing=0.1)
+        with lkd.CollectiveCounter() as bwd:
+            loss.backward()
+        out[f"fwd calls V={V}"] = fwd.total_calls / 2.0
+        out[f"fwd only all_reduce V={V}"] = float(set(fwd.calls) - {"all_reduce.max", "all_reduce.sum"} != set())
+        out[f"bwd calls V={V}"] = float(bwd.total_calls)
+        bytes_seen.append(fwd.total_bytes)
+    out["bytes independent of V"] = float(bytes_seen[0] != bytes_seen[1])
+    with lkd.CollectiveCounter() as c:
+        y = lkd.log_softmax(ctx.split(torch.randn(6, sum(sizes), generator=_gen("ls")), sizes).requires_grad_(), -1)
+        n_fwd = c.total_calls
+        y.sum().backward()
+    out["log_softmax fwd 2"] = n_fwd / 2.0
+    out["log_softmax bwd 1"] = float(c.total_calls - n_fwd == 1)  # 1 -> pass
+    return out
+
+
+@case("confident_row_exact")
+def _confident(ctx):
+    """The NUMERICS.md row [0, -20]: fp32 loss 2.06e-9, not 0, with the two logits on different ranks."""
+    sizes = (1, 1) + (0,) * (ctx.world - 2)
+    x = torch.tensor([[0.0, -20.0]])
+    t = torch.tensor([0])
+    xl = ctx.split(x, sizes).requires_grad_()
+    loss = lkd.cross_entropy(xl, t)
+    loss.backward()
+    truth = math.log1p(math.exp(-20.0))
+    return {
+        "loss rel err / 2 ulp": abs(float(loss) - truth) / truth / (2 * 2**-24),
+        "grad sums to zero": float(abs(float(_all_sum(xl.grad.sum().double()))) > 1e-15),
+    }
+
+
+def _all_sum(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
+
+
+@case("dtensor")
+def _dtensor(ctx):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (ctx.world,))
+    V = 37  # torch.chunk sharding: uneven on both world sizes
+    x = _logits("dt", 5, V, F64)
+    t = torch.randint(0, V, (5,), generator=_gen("tdt"))
+    xd = distribute_tensor(x, mesh, [Shard(1)]).requires_grad_()
+    loss = lkd.cross_entropy(xd, t, label_smoothing=0.1)
+    loss.backward()
+    y = lkd.log_softmax(xd.detach(), -1).full_tensor()
+    xr = x.clone().requires_grad_()
+    ref = logitkit.cross_entropy(xr, t, label_smoothing=0.1)
+    ref.backward()
+    return {
+        "loss": err(loss, ref),
+        "grad": gerr(xd.grad.full_tensor(), xr.grad, row_max(xr.grad)),
+        "log_softmax": err(y, logitkit.log_softmax(x, -1)),
+    }
+
+
+@case("errors")
+def _errors(ctx):
+    """User errors raise before any collective, identically on every rank."""
+    out = {}
+    x = torch.randn(3, 4)
+    for label, fn, exc in [
+        ("target out of range", lambda: lkd.cross_entropy(x, torch.tensor([0, 1, 4 * ctx.world])), IndexError),
+        ("dim not last", lambda: lkd.softmax(x, 0), ValueError),
+        ("bad vocab_start", lambda: lkd.logsumexp(x, -1, vocab_start=-1), ValueError),
+    ]:
+        try:
+            fn()
+            out[label] = math.inf
+        except exc:
+            out[label] = 0.0
     return out
 
 

@@ -7,13 +7,15 @@ Nothing is read at import time; ``LOGITKIT_BACKEND`` (if set) is read lazily, on
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
 from collections.abc import Iterator
 
 BACKENDS = ("auto", "reference", "triton")
 
-_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("logitkit_backend", default=None)
+# The innermost ``use_backend`` name is the last entry. A plain list, not a ContextVar: torch.compile traces
+# list reads (and guards on them), while ContextVar.get is a graph break.
+_stack: list[str] = []
+_triton_ok: list[bool] = []  # filled on first use: whether ``import triton`` works
 
 
 def _check_name(name: object) -> str:
@@ -24,9 +26,8 @@ def _check_name(name: object) -> str:
 
 def get_backend() -> str:
     """The backend in force: the innermost ``use_backend`` block, else ``$LOGITKIT_BACKEND``, else 'auto'."""
-    name = _backend.get()
-    if name is not None:
-        return name
+    if _stack:
+        return _stack[-1]
     env = os.environ.get("LOGITKIT_BACKEND")
     return _check_name(env) if env else "auto"
 
@@ -39,11 +40,11 @@ def use_backend(name: str) -> Iterator[str]:
     ``'reference'``: the plain-PyTorch path everywhere.
     ``'triton'``: the kernels, also for CPU tensors when ``TRITON_INTERPRET=1`` (tests use this).
     """
-    token = _backend.set(_check_name(name))
+    _stack.append(_check_name(name))
     try:
         yield name
     finally:
-        _backend.reset(token)
+        _stack.pop()
 
 
 def interpreter_enabled() -> bool:
@@ -51,11 +52,14 @@ def interpreter_enabled() -> bool:
 
 
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    if not _triton_ok:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            _triton_ok.append(False)
+        else:
+            _triton_ok.append(True)
+    return _triton_ok[0]
 
 
 def wants_triton(device_type: str, backend: str | None = None) -> bool:

@@ -5,7 +5,7 @@
 ``CollectiveCounter`` counts the collectives (and payload bytes) they issue. Nothing runs at import.
 """
 
-from ._comm import CollectiveCounter
+from ._comm import CollectiveCounter, reset_shard_cache
 from ._linear import linear_cross_entropy
 from .functional import cross_entropy, entropy, log_softmax, logsumexp, selective_log_softmax, softmax
 
@@ -18,4 +18,5 @@ __all__ = [
     "entropy",
     "linear_cross_entropy",
     "CollectiveCounter",
+    "reset_shard_cache",
 ]

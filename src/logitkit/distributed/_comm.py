@@ -80,6 +80,11 @@ class Shard(NamedTuple):
 _SIZES: dict[tuple, tuple[int, int]] = {}
 
 
+def reset_shard_cache() -> None:
+    """Forget the cached shard offsets; call it on every rank of a group whose shard sizes change."""
+    _SIZES.clear()
+
+
 def all_gather_sizes(group, size: int, device: torch.device) -> tuple[int, int]:
     """(start, V) for this rank's shard of ``size`` classes: one all-gather of one int64, then cached."""
     key = (group if group is not None else dist.group.WORLD, size)

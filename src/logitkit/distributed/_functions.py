@@ -149,7 +149,7 @@ def ce_block_grad(xw, a2, L, lse2, t, w_t, g2, wl, W, opts) -> Tensor:
         at_t = at_t - (eps / C) * (wl[li] if wl is not None else 1.0)
     res = p.mul_(c1)
     if eps > 0.0:
-        res = res - (eps / C) * (wl if wl is not None else 1.0) * valid
+        res = res - (eps / C) * (wl if wl is not None else 1.0) * valid.to(res.dtype)  # a bool would make it fp32
     res.scatter_(1, li, torch.where(owned, at_t, res.gather(1, li)))
     return res.mul_(g2)
 

@@ -29,7 +29,8 @@ from ._functions import _local_target, ce_block_grad
 from ._stats import ACC, full_d, shifted
 from .functional import _class_weight, _replicated, unwrap
 
-DEFAULT_CHUNK = 1024  # tokens per chunk: T * V_local working-precision logits live at a time
+DEFAULT_CHUNK = 1024  # tokens per chunk at most: T * V_local working-precision logits live at a time
+CHUNK_ELEMS = 1 << 22  # ... and T * V_local at most this (16 MiB of fp32 per temporary; ~8 temporaries live)
 
 
 def _logits(h: Tensor, w: Tensor, b: Tensor | None, wd: torch.dtype) -> Tensor:
@@ -172,7 +173,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     rank; ``linear_weight`` this rank's (V_local, D) rows; ``linear_bias`` its (V_local,) slice; ``weight``
     the full (V,) class weight or its (V_local,) slice; ``target`` global class indices; ``ignore_index``
     None means -100. ``options`` (a ``torch.nn.LinearCrossEntropyOptions``): only ``batch_chunk_size`` is
-    read (tokens per chunk, default 1024); accumulation is always the working precision with float64
+    read (tokens per chunk; default min(1024, 2**22 // V_local)); accumulation is always the working precision with float64
     partial sums, whatever ``acc_policy`` says. The local logits are never materialised: T x V_local at a
     time. ``reduce_input_grad=False`` skips the backward all-reduce of the input gradient, for callers
     whose tensor-parallel region reduces it already (each rank then holds its shard's partial gradient).
@@ -197,10 +198,10 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     red = check.reduction(reduction, None, None)
     eps = check.label_smoothing(label_smoothing)
     ii = -100 if ignore_index is None else int(ignore_index)
-    chunk = DEFAULT_CHUNK
+    chunk = max(1, min(DEFAULT_CHUNK, CHUNK_ELEMS // max(1, wt.shape[0])))
     if options is not None:
         bcs = getattr(options, "batch_chunk_size", None)
-        chunk = DEFAULT_CHUNK if bcs is None else int(bcs)
+        chunk = chunk if bcs is None else int(bcs)
     if chunk < 1:
         raise ValueError(f"batch_chunk_size must be >= 1, got {chunk}")
     b = _replicated(linear_bias)

@@ -1,6 +1,6 @@
 """Cross-entropy, selective log-softmax and entropy on the reference path (plain PyTorch, row blocks).
 
-Math:     with y = log_softmax(x) of a block (``plain.block_logp``, one precision above the input):
+Math:     with y = log_softmax(x) of a block (``plain.block_logp``, float64 on the CPU):
           nll_i = -y[t_i]; label smoothing adds -(eps/C) sum_j w_j y_j; z_loss adds z * lse**2 with
           lse = max + L; softcap replaces x by c * tanh(x / c) first.  Gradient of one row:
           c1 * p_j - (1 - eps) w_t [j = t] - (eps / C) w_j with p = exp(y), c1 = (1 - eps) w_t + (eps / C) W
@@ -17,10 +17,6 @@ import torch
 from torch import Tensor
 
 from .plain import Workspace, as_rows, block_logp, block_lse, iter_row_blocks, working_dtype
-
-
-# Losses, lse and entropy are float32 even for half inputs, so their log-probabilities are formed in float64.
-LOSS_WIDE = torch.float64
 
 
 def capped(x2: Tensor, softcap: float | None) -> Tensor:
@@ -86,7 +82,7 @@ def ce_rows(
     for sl in iter_row_blocks(lead, C):
         x2 = capped(as_rows(xv[sl]), softcap)
         t_safe, valid = _targets(target, sl, ignore_index)
-        xw, a, L = block_lse(x2, ws, LOSS_WIDE)
+        xw, a, L = block_lse(x2, ws)
         w = weight.to(xw.dtype) if weight is not None else None
         w_t = _target_weight(w, t_safe, valid, L)
         a_safe = torch.where(torch.isinf(a), torch.zeros_like(a), a)
@@ -128,7 +124,7 @@ def ce_grad(
     for sl in iter_row_blocks(lead, C):
         x2 = capped(as_rows(xv[sl]), softcap)
         t_safe, valid = _targets(target, sl, ignore_index)
-        y, L = block_logp(x2, ws, LOSS_WIDE)
+        y, L = block_logp(x2, ws)
         g2 = g[sl].reshape(-1, 1).to(y.dtype)
         w = weight.to(y.dtype) if weight is not None else None
         W = w.sum() if w is not None else float(C)
@@ -172,12 +168,11 @@ def ce_prob_rows(
     ws = Workspace()
     for sl in iter_row_blocks(lead, C):
         x2 = capped(as_rows(xv[sl]), softcap)
-        y, L = block_logp(x2, ws, LOSS_WIDE)
+        y, L = block_logp(x2, ws)
         q = _smoothed(as_rows(target[sl]).to(y.dtype), label_smoothing, C)
         wq = q * weight.to(y.dtype) if weight is not None else q
-        # -sum_j w_j q_j y_j: terms of one sign for q, w >= 0. 0 * -inf (a -inf logit with q = 0) counts 0.
-        prod = torch.where(wq != 0, wq * y, torch.zeros_like(y))
-        row = -prod.sum(dim=1, keepdim=True)
+        # -sum_j w_j q_j y_j: terms of one sign for q, w >= 0. A -inf logit with q = 0 gives NaN, as torch.
+        row = -(wq * y).sum(dim=1, keepdim=True)
         l_row = _lse(x2, L)
         if z_loss != 0.0:
             row = row + z_loss * l_row * l_row
@@ -207,7 +202,7 @@ def ce_prob_grad(
     ws = Workspace()
     for sl in iter_row_blocks(lead, C):
         x2 = capped(as_rows(xv[sl]), softcap)
-        y, L = block_logp(x2, ws, LOSS_WIDE)
+        y, L = block_logp(x2, ws)
         g2 = g[sl].reshape(-1, 1).to(y.dtype)
         w = weight.to(y.dtype) if weight is not None else None
         q = _smoothed(as_rows(target[sl]).to(y.dtype), label_smoothing, C)
@@ -233,7 +228,7 @@ def selective_rows(xv: Tensor, index: Tensor) -> Tensor:
     ws = Workspace()
     for sl in iter_row_blocks(lead, V):
         x2 = as_rows(xv[sl])
-        y, _ = block_logp(x2, ws, LOSS_WIDE)
+        y, _ = block_logp(x2, ws)
         _store(out[sl], y.gather(1, index[sl].reshape(x2.shape[0], -1)))
     return out
 
@@ -248,7 +243,7 @@ def selective_grad(xv: Tensor, index: Tensor, g: Tensor, out_dtype: torch.dtype)
     ws = Workspace()
     for sl in iter_row_blocks(lead, V):
         x2 = as_rows(xv[sl])
-        y, _ = block_logp(x2, ws, LOSS_WIDE)
+        y, _ = block_logp(x2, ws)
         i2 = index[sl].reshape(x2.shape[0], -1)
         g2 = g[sl].reshape(x2.shape[0], -1).to(y.dtype)
         res = torch.exp(y).mul_(-g2.sum(dim=1, keepdim=True)).scatter_add_(1, i2, g2)
@@ -272,7 +267,7 @@ def entropy_rows(xv: Tensor) -> Tensor:
         return out.fill_(0.0)
     ws = Workspace()
     for sl in iter_row_blocks(lead, V):
-        y, _ = block_logp(as_rows(xv[sl]), ws, LOSS_WIDE)
+        y, _ = block_logp(as_rows(xv[sl]), ws)
         _store(out[sl], -_plogp(y)[1].sum(dim=1))
     return out
 
@@ -286,7 +281,7 @@ def entropy_grad(xv: Tensor, g: Tensor, out_dtype: torch.dtype) -> Tensor:
         return dx
     ws = Workspace()
     for sl in iter_row_blocks(lead, V):
-        y, _ = block_logp(as_rows(xv[sl]), ws, LOSS_WIDE)
+        y, _ = block_logp(as_rows(xv[sl]), ws)
         p, plogp = _plogp(y)
         H = -plogp.sum(dim=1, keepdim=True)
         _store(dx[sl], (plogp + p * H).neg_().mul_(g[sl].reshape(-1, 1).to(y.dtype)))

@@ -5,10 +5,10 @@ Math:     per row a = max(x); d = x - a; r = sum of exp(d) over all entries but 
 Traffic:  rows are processed in blocks of about BLOCK_ELEMS elements, so temporaries are O(block), never
           O(input); a non-last ``dim`` is handled by copying one block at a time into a (rows, V) buffer.
 Numerics: two routes to the same accuracy.
-          Fast (CPU, no mask, fp32/fp16/bf16): each block goes through torch's fused kernel one precision up
-          (float64 for fp32 inputs, float32 for halves): there d = x - a is exact and exp/sum carry the extra
-          bits, so one final rounding is all that remains, except that log(1 + r) loses r when r is tiny.
-          Those rows (L below _TINY_L, the confident ones) are recomputed with the rest sum and log1p.
+          Fast (CPU, no mask, fp32/fp16/bf16): each block goes through torch's fused kernel in float64: there
+          d = x - a is exact and exp/sum carry 29+ extra bits, so one final rounding is all that remains,
+          except that log(1 + r) loses r when r is tiny. Those rows (L below ``_tiny``, the confident ones)
+          are recomputed with the rest sum and log1p.
           General (mask=, accelerator fallback, float64): the rest-sum algorithm itself, in float32 for
           fp16/bf16 and fp32 (then d = x - a is carried as TwoSum hi + lo, because a rounded d costs |d| * u
           of relative accuracy in exp(d): 16 ulps at d = -50), float64 for float64.
@@ -115,7 +115,11 @@ def row_stats(x2: Tensor, mask2: Tensor | None, masked: bool, ws: Workspace | No
     a = xw.amax(dim=1, keepdim=True)
     # Every max and min finite (a NaN or inf anywhere makes the spread non-finite): no guard is needed below.
     # A host check is fine here: this path serves CPU tensors (and is the slow fallback elsewhere).
-    finite = mask2 is None and bool(torch.isfinite((a - xw.amin(dim=1, keepdim=True)).sum()))
+    finite = (
+        mask2 is None
+        and not torch.compiler.is_compiling()
+        and bool(torch.isfinite((a - xw.amin(dim=1, keepdim=True)).sum()))
+    )
     # A ±inf max would turn d into NaN; shift by 0 instead and repair those rows below.
     a_safe = a if finite else torch.where(torch.isinf(a), torch.zeros_like(a), a)
     e = ws.get("e", xw, wd)
@@ -172,50 +176,72 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 def wide_dtype(dtype: torch.dtype) -> torch.dtype:
-    """One precision above the input for fp32 (float64) and float32 for halves; float64 stays float64."""
-    return torch.float32 if dtype in _HALF else torch.float64
+    """The fast path's compute dtype: float64 (the fused kernel's float32 sums lose too much for halves:
+    torch adds each exp into a lane that already holds the max's 1, so every addition may round)."""
+    return torch.float64
 
 
-# Rows whose L = log1p(r) is below this are recomputed with the rest sum: the fused kernel forms
-# log(1 + r) with an absolute error of one unit of the wide dtype, which must stay under a quarter ulp of
-# the output dtype relative to L (4 u_wide / u_out: 2**-27 for fp32 outputs, 2**-14 / 2**-11 for bf16 / fp16).
-_TINY_L = {torch.float64: 2.0**-26, torch.float32: 2.0**-10}
+def _tiny(V: int, a: Tensor) -> Tensor:
+    """Rows with L = log1p(r) below this get the rest sum.
+
+    The fused kernel's L carries an absolute error of about (V / lanes + 1) * 2**-53 from summing next to
+    the max's 1, plus |max| * 2**-53 where L is recovered as lse - max; that must stay under a quarter ulp
+    of a float32 output relative to L (2**-26), so L must exceed 2**-26 (1 + V / 4 + |max|) (x 2 margin).
+    """
+    return (a.abs().nan_to_num(0.0, 0.0, 0.0) + (1 + V / 4)) * 2.0**-25
 
 
-def fast_path(x: Tensor, mask: Tensor | None) -> bool:
-    """CPU tensors without a mask, of a dtype with a wider one: served by ``block_logp``."""
-    return mask is None and x.device.type == "cpu" and x.dtype in (torch.float32, *_HALF)
+def fast_path(x: Tensor) -> bool:
+    """CPU tensors of a dtype with a wider one: served by torch's fused kernels in float64 (+ repair)."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, *_HALF)
+
+
+def _masked(x2: Tensor, m2: Tensor | None) -> Tensor:
+    """Masked-out entries (NaN and +inf included) set to -inf: they leave the row."""
+    return x2 if m2 is None else x2.masked_fill(~m2, -math.inf)
+
+
+def _repair(fix: Tensor, xw: Tensor, dst: Tensor, exact) -> None:
+    """dst[i] = exact(xw[rows])[...] for the rows with ``fix`` (R, 1) set, ``exact`` mapping (n, V) -> (n, k).
+
+    Eagerly only the flagged rows are recomputed (a host sync, fine on the CPU); under torch.compile, which
+    cannot trace data-dependent row lists, every row is recomputed and selected, giving the same values.
+    """
+    if torch.compiler.is_compiling():
+        dst.copy_(torch.where(fix, exact(xw), dst))
+        return
+    rows = fix.view(-1).nonzero().view(-1)
+    if rows.numel():
+        dst.index_copy_(0, rows, exact(xw.index_select(0, rows)))
 
 
 @torch.no_grad()
-def block_lse(x2: Tensor, ws: Workspace | None = None, wide: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def block_lse(x2: Tensor, ws: Workspace | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(x in the wide dtype, max, L) of a contiguous (R, V) block: what a loss needs without the full y.
 
     Then y_j = (x_j - max) - L for any j, accurate to the output's rounding (x - max is exact in the wide
-    dtype). Rows with a tiny L get the rest sum, as in ``block_logp``.  ``wide`` defaults to ``wide_dtype``;
-    losses ask for float64, because their output is float32 even for half inputs.
+    dtype). Rows with a tiny L get the rest sum, as in ``block_logp``.
     """
-    wide = wide_dtype(x2.dtype) if wide is None else wide
+    wide = wide_dtype(x2.dtype)
     xw = x2.to(wide)
     a = xw.amax(dim=1, keepdim=True)
-    if not fast_path(x2, None):
+    if not fast_path(x2):
         return xw, a, row_stats(xw, None, False, ws).L
     L = torch.logsumexp(xw, dim=1, keepdim=True).sub_(a)  # the fused kernel, one precision up
-    rows = (L < _TINY_L[wide]).view(-1).nonzero().view(-1)  # confident rows (or L lost to rounding)
-    if rows.numel():
-        L.index_copy_(0, rows, row_stats(xw.index_select(0, rows), None, False, ws).L)
+    # confident rows (or L lost to rounding) get the rest sum
+    _repair(L < _tiny(xw.shape[1], a), xw, L, lambda rows: row_stats(rows, None, False, ws).L)
     return xw, a, L
 
 
 @torch.no_grad()
-def block_logp(x2: Tensor, ws: Workspace | None = None, wide: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+def block_logp(x2: Tensor, ws: Workspace | None = None) -> tuple[Tensor, Tensor]:
     """(log_softmax, L) of a contiguous (R, V) block in ``wide_dtype``, accurate to the output's rounding.
 
     Off the fast path (accelerator tensors, float64) the rows come from ``row_stats``; with torch's edge
-    behaviour (NaN rows for all -inf or any +inf) in both cases.  ``wide`` as in ``block_lse``.
+    behaviour (NaN rows for all -inf or any +inf) in both cases.
     """
-    wide = wide_dtype(x2.dtype) if wide is None else wide
-    if not fast_path(x2, None):
+    wide = wide_dtype(x2.dtype)
+    if not fast_path(x2):
         s = row_stats(x2.to(wide), None, False, ws)
         y = s.d_hi.to(wide) - s.L.to(wide)
         return (y if s.d_lo is None else y.add_(s.d_lo.to(wide))), s.L.to(wide)
@@ -223,14 +249,16 @@ def block_logp(x2: Tensor, ws: Workspace | None = None, wide: torch.dtype | None
     # extra bits, so every entry is right after one rounding, except through log(1 + r) for tiny r.
     y = torch.log_softmax(x2, 1, dtype=wide)
     L = y.amax(dim=1, keepdim=True).neg_()  # the max's log-probability is 0 - L
-    fix = L < _TINY_L[wide]  # NaN rows compare False and keep torch's NaN
-    rows = fix.view(-1).nonzero().view(-1)  # a host sync, fine on the CPU
-    if rows.numel():
-        s = row_stats(x2.index_select(0, rows).to(wide), None, False, ws)
-        y.index_copy_(0, rows, s.d_hi - s.L)  # wide input: d_lo is None (float64) or carried in d_hi below
-        if s.d_lo is not None:
-            y.index_add_(0, rows, s.d_lo)
-        L.index_copy_(0, rows, s.L)
+    # y at the argmax is exactly -log(S) (x - max = 0 there): no |max| term in the threshold. NaN rows
+    # compare False and keep torch's NaN.
+    fix = L < _tiny(x2.shape[1], torch.zeros_like(L))
+
+    def exact(rows: Tensor) -> Tensor:
+        s = row_stats(rows.to(wide), None, False, ws)
+        return log_softmax_from(s)
+
+    _repair(fix, x2, y, exact)
+    _repair(fix, y, L, lambda rows: rows.amax(dim=1, keepdim=True).neg())  # L of the repaired rows
     return y, L
 
 
@@ -263,11 +291,15 @@ def normalize_fwd(xv: Tensor, mv: Tensor | None, log: bool, out: Tensor) -> Tens
         return out
     masked = mv is not None
     ws = Workspace()
-    if fast_path(xv, mv):
+    if fast_path(xv):
         wide = wide_dtype(xv.dtype)
-        for sl, x2, _ in _blocks(xv, None):
+        for sl, x2, m2 in _blocks(xv, mv):
+            x2 = _masked(x2, m2)
             # softmax needs no repair: 1 + r is formed in the wide dtype, and nothing is subtracted from it.
             y = block_logp(x2, ws)[0] if log else torch.softmax(x2, 1, dtype=wide)
+            if masked:  # a row with nothing left: softmax 0, log_softmax -inf (not torch's NaN)
+                empty = torch.isneginf(x2.amax(dim=1, keepdim=True))
+                y = torch.where(empty, -math.inf if log else 0.0, y)
             _store(out[sl], y)
         return out
     for sl, x2, m2 in _blocks(xv, mv):
@@ -289,15 +321,16 @@ def lse_fwd(xv: Tensor, mv: Tensor | None) -> Tensor:
         return torch.full(lead, -math.inf, dtype=wd, device=xv.device)
     out = torch.empty(lead, dtype=wd, device=xv.device)
     ws = Workspace()
-    if fast_path(xv, mv):
+    if fast_path(xv):
         wide = wide_dtype(xv.dtype)
-        for sl, x2, _ in _blocks(xv, None):
+        for sl, x2, m2 in _blocks(xv, mv):
+            x2 = _masked(x2, m2)
             a = x2.amax(dim=1).to(wide)
             lse = torch.logsumexp(x2.to(wide), dim=1)
             # lse - a recovers L only roughly, but a tiny (or lost) L is exactly what needs the rest sum.
-            rows = ((lse - a) < _TINY_L[wide]).nonzero().view(-1)
-            if rows.numel():
-                lse.index_copy_(0, rows, lse_of(row_stats(x2.index_select(0, rows).to(wide), None, True, ws)).view(-1))
+            fix = ((lse - a) < _tiny(x2.shape[1], a)).view(-1, 1)
+            lse1 = lse.view(-1, 1)
+            _repair(fix, x2, lse1, lambda rows: lse_of(row_stats(rows.to(wide), None, True, ws)))
             _store(out[sl], lse)
         return out
     for sl, x2, m2 in _blocks(xv, mv):
@@ -321,7 +354,7 @@ def softmax_bwd(y: Tensor, g: Tensor, dx: Tensor) -> Tensor:
 
 @torch.no_grad()
 def log_softmax_bwd(y: Tensor, g: Tensor, mv: Tensor | None, dx: Tensor) -> Tensor:
-    """dx = g - exp(y) * sum(g); entries excluded by ``mask`` get 0."""
+    """dx = g - exp(y) * sum(g); with a mask, entries whose y is -inf (masked out, or in an empty row) get 0."""
     if y.numel() == 0:
         return dx
     wd = working_dtype(y.dtype)
@@ -329,16 +362,39 @@ def log_softmax_bwd(y: Tensor, g: Tensor, mv: Tensor | None, dx: Tensor) -> Tens
         y2, g2 = as_rows(y[sl]).to(wd), as_rows(g[sl]).to(wd)
         res = g2 - torch.exp(y2) * g2.sum(dim=1, keepdim=True)
         if mv is not None:
-            res = res.masked_fill_(~as_rows(mv[sl]), 0.0)
+            res = res.masked_fill_(torch.isneginf(y2), 0.0)
         _store(dx[sl], res)
     return dx
 
 
 @torch.no_grad()
 def lse_bwd(xv: Tensor, lse: Tensor, g: Tensor, mv: Tensor | None, dx: Tensor) -> Tensor:
-    """dx = g * exp(x - lse) with ``lse`` and ``g`` of shape lead; masked or all -inf rows get 0."""
+    """dx = g * softmax(x), with ``lse`` and ``g`` of shape lead.
+
+    The softmax is recomputed from x (one precision up on the fast path) rather than as exp(x - lse): a
+    rounded lse puts |lse| units of error into every exp (2000 ulps at an offset of 1e4). Without a mask an
+    all -inf row gives NaN, as torch; with one, masked entries and empty rows get 0.
+    """
     if xv.numel() == 0:
         return dx
+    if fast_path(xv):
+        for sl, x2, m2 in _blocks(xv, mv):
+            x2 = _masked(x2, m2)
+            p = torch.softmax(x2, 1, dtype=wide_dtype(x2.dtype))
+            # A +inf in the row: torch's exp(x - inf) is 0 off the infinities and NaN on them.
+            l2 = lse[sl].reshape(-1, 1)
+            _repair(torch.isposinf(l2), x2, p, lambda rows: torch.exp(rows.to(p.dtype) - math.inf))
+            if m2 is not None:  # nothing left in the row: no mass, gradient 0
+                p = torch.where(torch.isneginf(l2), 0.0, p)
+            _store(dx[sl], p.mul_(g[sl].reshape(-1, 1).to(p.dtype)))
+        return dx
+    masked = mv is not None
+    ws = Workspace()
+    for sl, x2, m2 in _blocks(xv, mv):
+        s = row_stats(x2, m2, masked, ws)
+        p = softmax_from(s)
+        _store(dx[sl], p.mul_(g[sl].reshape(-1, 1).to(p.dtype)))
+    return dx
     wd = working_dtype(xv.dtype)
     for sl in iter_row_blocks(tuple(xv.shape[:-1]), xv.shape[-1]):
         x2 = as_rows(xv[sl]).to(wd)

@@ -69,9 +69,12 @@ def _log1p(r, PRECISE: tl.constexpr):
     if PRECISE:
         return libdevice.log1p(r)
     else:
-        # Goldberg's log1p: log(u) * r / (u - 1) with u = 1 + r cancels the rounding of u (interpreter only).
-        u = 1.0 + r
-        return tl.where(u == 1.0, r, tl.log(u) * (r / tl.where(u == 1.0, 1.0, u - 1.0)))
+        # Interpreter (no libdevice there): Goldberg's log1p, log(u) r / (u - 1) with u = 1 + r, in float64
+        # so that the result rounds to fp32 correctly (the fp32 form is ~2 ulps off).
+        r64 = r.to(tl.float64)
+        u = 1.0 + r64
+        res = tl.where(u == 1.0, r64, tl.log(u) * (r64 / tl.where(u == 1.0, 1.0, u - 1.0)))
+        return res.to(tl.float32)
 
 
 @triton.jit
@@ -87,12 +90,12 @@ def _tanh(x, PRECISE: tl.constexpr):
     if PRECISE:
         return libdevice.tanh(x)
     else:
-        # tanh(|x|) = -expm1(-2|x|) / (2 + expm1(-2|x|)); expm1 by Goldberg's trick (no cancellation at 0).
-        z = -2.0 * tl.abs(x)
+        # Interpreter: tanh(|x|) = -expm1(-2|x|) / (2 + expm1(-2|x|)) in float64, expm1 by Goldberg's trick.
+        z = -2.0 * tl.abs(x.to(tl.float64))
         u = tl.exp(z)
         em1 = tl.where(u == 1.0, z, (u - 1.0) * (z / tl.where(u == 1.0, 1.0, tl.log(u))))
         em1 = tl.where(u == 0.0, -1.0, em1)
-        t = -em1 / (2.0 + em1)
+        t = (-em1 / (2.0 + em1)).to(tl.float32)
         return tl.where(x < 0, -t, t)
 
 

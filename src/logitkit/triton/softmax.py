@@ -25,8 +25,19 @@ from torch import Tensor
 
 from ..reference import plain
 from . import _tuning
-from ._lib import (combine_states, exp_acc, exp_diff, exp_fast, finish_lse, log1p_acc, merge_state, round_to,
-                   tile_state, to_f32, two_diff)
+from ._lib import (
+    combine_states,
+    exp_acc,
+    exp_diff,
+    exp_fast,
+    finish_lse,
+    log1p_acc,
+    merge_state,
+    round_to,
+    tile_state,
+    to_f32,
+    two_diff,
+)
 
 # ---------------------------------------------------------------------------------------------------------
 # Kernels.
@@ -185,17 +196,19 @@ def _load_bwd_tile(y_ptr, g_ptr, m_ptr, yrow, grow, mrow, row_ok, cols, N, sy_n,
 
 @triton.jit
 def _bwd_partials(y, g, keep, LOG: tl.constexpr):
-    """Row partials (s, ymax): s = sum(g y) (softmax) or sum of g over kept entries (log_softmax)."""
+    """Row partials (s, alive): s = sum(g y) (softmax) or sum of g over kept entries (log_softmax);
+    alive = 1 when some kept y is above -inf or NaN (a row with mass, or a NaN row), else 0."""
     if LOG:
         s = tl.sum(tl.where(keep, g, 0.0), axis=1)
     else:
         s = tl.sum(g * y, axis=1)  # padding has y = 0 and g = 0
-    ymax = tl.max(tl.where(keep, y, float("-inf")), axis=1)
-    return s, ymax
+    live = keep & ((y > float("-inf")) | (y != y))  # explicit NaN test: GPU max ignores NaN, NumPy's does not
+    alive = tl.max(tl.where(live, 1.0, 0.0), axis=1)
+    return s, alive
 
 
 @triton.jit
-def _bwd_values(y, g, keep, s, ymax, LOG: tl.constexpr, HAS_MASK: tl.constexpr, EXACT: tl.constexpr):
+def _bwd_values(y, g, keep, s, alive, LOG: tl.constexpr, HAS_MASK: tl.constexpr, EXACT: tl.constexpr):
     if LOG:
         if EXACT:
             p = exp_acc(y)
@@ -204,7 +217,7 @@ def _bwd_values(y, g, keep, s, ymax, LOG: tl.constexpr, HAS_MASK: tl.constexpr, 
         dx = g - p * s[:, None]
         if HAS_MASK:
             # masked entries, and rows with no mass left (every kept entry -inf), get 0
-            dx = tl.where(keep & (ymax > float("-inf"))[:, None], dx, 0.0)
+            dx = tl.where(keep & (alive > 0.0)[:, None], dx, 0.0)
     else:
         dx = y * (g - s[:, None])
     return dx
@@ -217,7 +230,7 @@ def _softmax_bwd_kernel(y_ptr, g_ptr, m_ptr, dx_ptr, ws_ptr, R, N, K,
                         LOG: tl.constexpr, HAS_MASK: tl.constexpr, EXACT: tl.constexpr, ONE_TILE: tl.constexpr,
                         PHASE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_S: tl.constexpr):
-    """PHASE 0: "row"/"loop" in one launch; 1: split partials (s, ymax) to ws; 2: combine them and write dx."""
+    """PHASE 0: "row"/"loop" in one launch; 1: split partials (s, alive) to ws; 2: combine them and write dx."""
     pid = tl.program_id(0)
     pid_m = pid // SPLIT
     seg = pid % SPLIT
@@ -230,8 +243,8 @@ def _softmax_bwd_kernel(y_ptr, g_ptr, m_ptr, dx_ptr, ws_ptr, R, N, K,
         cols = tl.arange(0, BLOCK_N)
         y, g, keep, ok = _load_bwd_tile(y_ptr, g_ptr, m_ptr, yrow, grow, mrow, row_ok, cols, N, sy_n, sg_n, sm_n,
                                         HAS_MASK)
-        s, ymax = _bwd_partials(y, g, keep, LOG)
-        dx = _bwd_values(y, g, keep, s, ymax, LOG, HAS_MASK, EXACT)
+        s, alive = _bwd_partials(y, g, keep, LOG)
+        dx = _bwd_values(y, g, keep, s, alive, LOG, HAS_MASK, EXACT)
         tl.store(dx_ptr + (drow[:, None] + cols.to(tl.int64)[None, :] * sd_n), round_to(dx, dx_ptr.dtype.element_ty),
                  mask=ok)
     else:
@@ -242,26 +255,26 @@ def _softmax_bwd_kernel(y_ptr, g_ptr, m_ptr, dx_ptr, ws_ptr, R, N, K,
             sok = row_ok[:, None] & (sidx[None, :] < SPLIT)
             off = rows[:, None] * SPLIT + sidx[None, :]
             s = tl.sum(tl.load(ws_ptr + off, mask=sok, other=0.0), axis=1)
-            ymax = tl.max(tl.load(ws_ptr + R * SPLIT + off, mask=sok, other=float("-inf")), axis=1)
+            alive = tl.max(tl.load(ws_ptr + R * SPLIT + off, mask=sok, other=0.0), axis=1)
         else:
             s = tl.zeros([BLOCK_M], tl.float32)
-            ymax = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            alive = tl.zeros([BLOCK_M], tl.float32)
             for n0 in range(start, end, BLOCK_N):
                 cols = n0 + tl.arange(0, BLOCK_N)
                 y, g, keep, ok = _load_bwd_tile(y_ptr, g_ptr, m_ptr, yrow, grow, mrow, row_ok, cols, end,
                                                 sy_n, sg_n, sm_n, HAS_MASK)
-                s_c, ymax_c = _bwd_partials(y, g, keep, LOG)
+                s_c, alive_c = _bwd_partials(y, g, keep, LOG)
                 s += s_c
-                ymax = tl.maximum(ymax, ymax_c)
+                alive = tl.maximum(alive, alive_c)
         if PHASE == 1:
             tl.store(ws_ptr + rows * SPLIT + seg, s, mask=row_ok)
-            tl.store(ws_ptr + (R + rows) * SPLIT + seg, ymax, mask=row_ok)
+            tl.store(ws_ptr + (R + rows) * SPLIT + seg, alive, mask=row_ok)
         else:
             for n0 in range(start, end, BLOCK_N):
                 cols = n0 + tl.arange(0, BLOCK_N)
                 y, g, keep, ok = _load_bwd_tile(y_ptr, g_ptr, m_ptr, yrow, grow, mrow, row_ok, cols, end,
                                                 sy_n, sg_n, sm_n, HAS_MASK)
-                dx = _bwd_values(y, g, keep, s, ymax, LOG, HAS_MASK, EXACT)
+                dx = _bwd_values(y, g, keep, s, alive, LOG, HAS_MASK, EXACT)
                 tl.store(dx_ptr + (drow[:, None] + cols.to(tl.int64)[None, :] * sd_n),
                          round_to(dx, dx_ptr.dtype.element_ty), mask=ok)
 
@@ -291,6 +304,9 @@ def _logsumexp_bwd_kernel(x_ptr, lse_ptr, g_ptr, m_ptr, dx_ptr, R, N, K,
         x, ok = _load_row_tile(x_ptr, m_ptr, xrow, mrow, row_ok, cols, end, sx_n, sm_n, HAS_MASK)
         dx = g[:, None] * exp_diff(x, lse_safe, EXACT)
         dx = tl.where(dead[:, None], 0.0, dx)
+        if HAS_MASK:  # masked entries get 0 even in a NaN row
+            keep = tl.load(m_ptr + (mrow[:, None] + cols.to(tl.int64)[None, :] * sm_n), mask=ok, other=0) != 0
+            dx = tl.where(keep, dx, 0.0)
         tl.store(dx_ptr + (drow[:, None] + cols.to(tl.int64)[None, :] * sd_n), round_to(dx, dx_ptr.dtype.element_ty),
                  mask=ok)
 
@@ -302,10 +318,10 @@ def _logsumexp_bwd_kernel(x_ptr, lse_ptr, g_ptr, m_ptr, dx_ptr, R, N, K,
 
 def _collapse(shape, strides) -> int | None:
     """The single stride of a group of dims viewed as one, or None when they do not collapse."""
-    dims = [(n, s) for n, s in zip(shape, strides) if n != 1]
+    dims = [(n, s) for n, s in zip(shape, strides, strict=True) if n != 1]
     if not dims:
         return 0
-    for (n0, s0), (n1, s1) in zip(dims, dims[1:]):
+    for (_, s0), (n1, s1) in zip(dims[:-1], dims[1:], strict=True):
         if s0 != s1 * n1:
             return None
     return dims[-1][1]

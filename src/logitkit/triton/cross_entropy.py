@@ -125,6 +125,13 @@ def _shifted_exp(x, a, EXACT: tl.constexpr, PRECISE: tl.constexpr):
 
 
 @triton.jit
+def _prob(hi, lo, L, PRECISE: tl.constexpr):
+    """p = exp(d - L) as one exp (not exp(d) / (1 + r): a subnormal exp(d) would lose its bits first)."""
+    p = _exp(hi - L, PRECISE)
+    return p + p * lo
+
+
+@triton.jit
 def _block_state(x, EXACT: tl.constexpr, PRECISE: tl.constexpr):
     """(max, rest sum, NaN count) of one block; the rest leaves out one copy of the maximum's exp(0) = 1."""
     m = tl.max(x, axis=0)
@@ -188,7 +195,7 @@ def _ce_block(x, cols, mask, t, valid, a_ref, r, L, w_ptr, c1, hard, eps_over_v,
               PRECISE: tl.constexpr):
     """One block's (unscaled gradient, sum w d, sum p d) given the row's final (a, r, L)."""
     e, hi, lo = _shifted_exp(x, a_ref, EXACT, PRECISE)
-    p = _div(e, 1.0 + r, PRECISE)  # a true division, one rounding
+    p = _prob(hi, lo, L, PRECISE)
     d = hi + lo
     if HAS_W:
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
@@ -328,9 +335,10 @@ def _ce_prob_wy(y_row, w_ptr, cols, mask, eps, V, HAS_W: tl.constexpr, HAS_EPS: 
 
 
 @triton.jit
-def _ce_prob_block(x, wy, a_ref, r, c1, cap, HAS_CAP: tl.constexpr, EXACT: tl.constexpr, PRECISE: tl.constexpr):
+def _ce_prob_block(x, wy, a_ref, r, L, c1, cap, HAS_CAP: tl.constexpr, EXACT: tl.constexpr,
+                   PRECISE: tl.constexpr):
     e, hi, lo = _shifted_exp(x, a_ref, EXACT, PRECISE)
-    p = _div(e, 1.0 + r, PRECISE)
+    p = _prob(hi, lo, L, PRECISE)
     d = hi + lo
     swyd = tl.sum(tl.where(wy != 0.0, wy * d, 0.0), axis=0)  # 0 * -inf (masked lanes) counts 0
     spd = tl.sum(tl.where(p > 0.0, p * d, 0.0), axis=0)
@@ -390,7 +398,7 @@ def _ce_prob_fwd_kernel(
         s = s / tl.load(denom_ptr).to(tl.float32)
 
     if SINGLE:
-        g, swyd, spd = _ce_prob_block(x, wy, a_ref, r, c1, cap, HAS_CAP, EXACT, PRECISE)
+        g, swyd, spd = _ce_prob_block(x, wy, a_ref, r, L, c1, cap, HAS_CAP, EXACT, PRECISE)
         if WRITE_GRAD:
             tl.store(dx_ptr + row * stride_dx_m + cols, (g * s).to(dx_ptr.dtype.element_ty), mask=mask)
     else:
@@ -401,7 +409,7 @@ def _ce_prob_fwd_kernel(
             mask = cols < V
             xb = _load_row_block(x_row, cols, mask, cap, HAS_CAP, PRECISE)
             wyb = _ce_prob_wy(y_row, w_ptr, cols, mask, eps, V, HAS_W, HAS_EPS)
-            g, swyd_b, spd_b = _ce_prob_block(xb, wyb, a_ref, r, c1, cap, HAS_CAP, EXACT, PRECISE)
+            g, swyd_b, spd_b = _ce_prob_block(xb, wyb, a_ref, r, L, c1, cap, HAS_CAP, EXACT, PRECISE)
             swyd += swyd_b
             spd += spd_b
             if WRITE_GRAD:
@@ -463,6 +471,7 @@ def _selective_bwd_kernel(
     a = tl.load(a_ptr + row)
     r = tl.load(r_ptr + row)
     a_ref = tl.where(tl.abs(a) < float("inf"), a, 0.0)
+    L = _log1p(tl.maximum(r, 0.0), PRECISE)
     G = 0.0
     for k in range(0, K):
         G += tl.load(g_ptr + row * stride_g_m + k).to(tl.float32)
@@ -471,7 +480,7 @@ def _selective_bwd_kernel(
         mask = cols < V
         x = _load_row_block(x_row, cols, mask, 1.0, False, PRECISE)
         e, hi, lo = _shifted_exp(x, a_ref, EXACT, PRECISE)
-        p = _div(e, 1.0 + r, PRECISE)
+        p = _prob(hi, lo, L, PRECISE)
         gm = tl.zeros_like(p)
         for k in range(0, K):
             i = tl.load(idx_ptr + row * stride_idx_m + k)
@@ -498,7 +507,7 @@ def _entropy_fwd_kernel(
         a, r, nans = _block_state(x, EXACT, PRECISE)
         a_ref, L, lse = _finish(a, r, nans, PRECISE)
         e, hi, lo = _shifted_exp(x, a_ref, EXACT, PRECISE)
-        p = _div(e, 1.0 + r, PRECISE)
+        p = _prob(hi, lo, L, PRECISE)
         spd = tl.sum(tl.where(p > 0.0, p * (hi + lo), 0.0), axis=0)
     else:
         a, r, nans = _row_stats(x_row, V, 1.0, BLOCK_V, False, EXACT, PRECISE)
@@ -508,7 +517,7 @@ def _entropy_fwd_kernel(
             cols = start + tl.arange(0, BLOCK_V)
             x = _load_row_block(x_row, cols, cols < V, 1.0, False, PRECISE)
             e, hi, lo = _shifted_exp(x, a_ref, EXACT, PRECISE)
-            p = _div(e, 1.0 + r, PRECISE)
+            p = _prob(hi, lo, L, PRECISE)
             spd += tl.sum(tl.where(p > 0.0, p * (hi + lo), 0.0), axis=0)
     tl.store(h_ptr + row, L - spd)  # H = L + sum p |d|: two non-negative terms
     tl.store(a_ptr + row, a)
@@ -534,7 +543,7 @@ def _entropy_bwd_kernel(
         mask = cols < V
         x = _load_row_block(x_row, cols, mask, 1.0, False, PRECISE)
         e, hi, lo = _shifted_exp(x, a_ref, EXACT, PRECISE)
-        p = _div(e, 1.0 + r, PRECISE)
+        p = _prob(hi, lo, L, PRECISE)
         logp = (hi - L) + lo
         dx = tl.where(p > 0.0, -g * p * (logp + H), 0.0)  # dH/dx = -p (log p + H); -inf logits: 0
         dx = tl.where(r == r, dx, float("nan"))

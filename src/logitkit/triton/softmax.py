@@ -2,7 +2,8 @@
 
 Math:     per row a = max(x), r = rest sum (every entry but one argmax of exp(x - a)), L = log1p(r);
           lse = a + L; log_softmax = (x - a) - L; softmax = exp(x - a) / (1 + r).
-          Backward: softmax dx = y (g - sum(g y)); log_softmax dx = g - exp(y) sum(g); lse dx = g exp(x - lse).
+          Backward: softmax dx = y (g - sum(g y)); log_softmax dx = g - exp(y) sum(g); lse dx = g softmax(x)
+          (recomputed from x: exp(x - lse) would inherit the rounding of lse, |lse| u).
 Layout:   x is viewed as (P, N, K) with the reduced dim N in the middle and any strides, so a non-last dim
           is a strided reduction in the kernel, never a transpose copy; a row is (p, k), row index p*K + k.
 Regimes:  (triton/_tuning.py) "row": the whole row in registers, several rows per program, x read once;
@@ -143,11 +144,12 @@ def _lse_combine_kernel(ws_ptr, out_ptr, R, SPLIT, EXACT: tl.constexpr, BLOCK_M:
 
 
 @triton.jit
-def _softmax_fwd_kernel(x_ptr, m_ptr, y_ptr, ws_ptr, R, N, K,
-                        sx_p, sx_n, sx_k, sm_p, sm_n, sm_k, sy_p, sy_n, sy_k, SEGMENT, SPLIT,
+def _softmax_fwd_kernel(x_ptr, m_ptr, y_ptr, ws_ptr, g_ptr, R, N, K,
+                        sx_p, sx_n, sx_k, sm_p, sm_n, sm_k, sy_p, sy_n, sy_k, sg_p, sg_k, SEGMENT, SPLIT,
                         LOG: tl.constexpr, HAS_MASK: tl.constexpr, EXACT: tl.constexpr, ONE_TILE: tl.constexpr,
-                        FROM_WS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_S: tl.constexpr):
+                        FROM_WS: tl.constexpr, SCALE_G: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+    """softmax / log_softmax; SCALE_G: softmax times a per-row g (the logsumexp backward, g of shape (P, 1, K))."""
     pid = tl.program_id(0)
     pid_m = pid // SPLIT
     seg = pid % SPLIT
@@ -155,11 +157,15 @@ def _softmax_fwd_kernel(x_ptr, m_ptr, y_ptr, ws_ptr, R, N, K,
     xrow = p * sx_p + k * sx_k
     mrow = p * sm_p + k * sm_k
     yrow = p * sy_p + k * sy_k
+    if SCALE_G:
+        g = to_f32(tl.load(g_ptr + (p * sg_p + k * sg_k), mask=row_ok, other=0.0))[:, None]
     if ONE_TILE:  # "row": read once, reduce, write
         cols = tl.arange(0, BLOCK_N)
         x, ok = _load_row_tile(x_ptr, m_ptr, xrow, mrow, row_ok, cols, N, sx_n, sm_n, HAS_MASK)
         a, r = tile_state(x, EXACT)
         y = _normalised(x, a, r, LOG, HAS_MASK, EXACT)
+        if SCALE_G:
+            y = y * g
         tl.store(y_ptr + (yrow[:, None] + cols.to(tl.int64)[None, :] * sy_n), round_to(y, y_ptr.dtype.element_ty),
                  mask=ok)
     else:
@@ -175,6 +181,8 @@ def _softmax_fwd_kernel(x_ptr, m_ptr, y_ptr, ws_ptr, R, N, K,
             cols = n0 + tl.arange(0, BLOCK_N)
             x, ok = _load_row_tile(x_ptr, m_ptr, xrow, mrow, row_ok, cols, end, sx_n, sm_n, HAS_MASK)
             y = _normalised(x, a, r, LOG, HAS_MASK, EXACT)
+            if SCALE_G:
+                y = y * g
             tl.store(y_ptr + (yrow[:, None] + cols.to(tl.int64)[None, :] * sy_n),
                      round_to(y, y_ptr.dtype.element_ty), mask=ok)
 
@@ -279,38 +287,6 @@ def _softmax_bwd_kernel(y_ptr, g_ptr, m_ptr, dx_ptr, ws_ptr, R, N, K,
                          round_to(dx, dx_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.jit
-def _logsumexp_bwd_kernel(x_ptr, lse_ptr, g_ptr, m_ptr, dx_ptr, R, N, K,
-                          sx_p, sx_n, sx_k, sl_p, sl_k, sg_p, sg_k, sm_p, sm_n, sm_k, sd_p, sd_n, sd_k,
-                          SEGMENT, SPLIT,
-                          HAS_MASK: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr):
-    """dx = g exp(x - lse): elementwise per (row block, segment); rows with lse = -inf and masked entries get 0."""
-    pid = tl.program_id(0)
-    pid_m = pid // SPLIT
-    seg = pid % SPLIT
-    rows, row_ok, p, k = _row_offsets(pid_m, R, K, sx_p, sx_k, BLOCK_M)
-    xrow = p * sx_p + k * sx_k
-    mrow = p * sm_p + k * sm_k
-    drow = p * sd_p + k * sd_k
-    lse = to_f32(tl.load(lse_ptr + (p * sl_p + k * sl_k), mask=row_ok, other=0.0))
-    g = to_f32(tl.load(g_ptr + (p * sg_p + k * sg_k), mask=row_ok, other=0.0))
-    dead = lse == float("-inf")  # no mass: exp(x - lse) would be 0/0
-    lse_safe = tl.where(dead, 0.0, lse)[:, None]
-    start = seg.to(tl.int64) * SEGMENT
-    end = tl.minimum(start + SEGMENT, N)
-    for n0 in range(start, end, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        x, ok = _load_row_tile(x_ptr, m_ptr, xrow, mrow, row_ok, cols, end, sx_n, sm_n, HAS_MASK)
-        dx = g[:, None] * exp_diff(x, lse_safe, EXACT)
-        dx = tl.where(dead[:, None], 0.0, dx)
-        if HAS_MASK:  # masked entries get 0 even in a NaN row
-            keep = tl.load(m_ptr + (mrow[:, None] + cols.to(tl.int64)[None, :] * sm_n), mask=ok, other=0) != 0
-            dx = tl.where(keep, dx, 0.0)
-        tl.store(dx_ptr + (drow[:, None] + cols.to(tl.int64)[None, :] * sd_n), round_to(dx, dx_ptr.dtype.element_ty),
-                 mask=ok)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Launchers.
 # ---------------------------------------------------------------------------------------------------------
@@ -374,6 +350,27 @@ def _states(x, dim, mask, cfg, R, N, K, lse_out):
     return ws
 
 
+def _normalise_launch(x: Tensor, dim: int, mask: Tensor | None, log: bool, out: Tensor, g: Tensor | None) -> Tensor:
+    R, N, K = _geometry(x, dim)
+    xv, sx_p, sx_n, sx_k = _pnk(x, dim)
+    m, sm_p, sm_n, sm_k = _mask_args(mask, x, dim)
+    yv, sy_p, sy_n, sy_k = _pnk(out, dim)
+    assert yv.data_ptr() == out.data_ptr() and yv.stride() == out.stride(), "out must be viewable as (P, N, K)"
+    gv, sg_p, sg_k = (xv, 0, 0) if g is None else (lambda t: (t[0], t[1], t[3]))(_pnk(g, dim))
+    cfg = _config(R, N, x, sx_n)
+    ws = xv
+    if cfg.regime == "split":
+        ws = _states(x, dim, mask, cfg, R, N, K, xv)
+    _softmax_fwd_kernel[_grid(cfg, R)](
+        xv, m, yv, ws, gv, R, N, K, sx_p, sx_n, sx_k, sm_p, sm_n, sm_k, sy_p, sy_n, sy_k, sg_p, sg_k,
+        cfg.segment, cfg.split, LOG=log, HAS_MASK=mask is not None, EXACT=x.dtype == torch.float32,
+        ONE_TILE=cfg.regime == "row", FROM_WS=cfg.regime == "split", SCALE_G=g is not None,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_S=triton.next_power_of_2(cfg.split),
+        num_warps=cfg.num_warps,
+    )
+    return out
+
+
 def softmax_fwd_out(x: Tensor, dim: int, *, mask: Tensor | None = None, log: bool = False, out: Tensor) -> Tensor:
     """softmax (``log=False``) or log_softmax of ``x`` along ``dim`` into ``out`` (x's shape and dtype)."""
     if out.numel() == 0 or x.shape[dim] == 0:
@@ -381,23 +378,7 @@ def softmax_fwd_out(x: Tensor, dim: int, *, mask: Tensor | None = None, log: boo
     if x.dtype == torch.float64:
         return plain.normalize_fwd(x.movedim(dim, -1), None if mask is None else mask.movedim(dim, -1), log,
                                    out.movedim(dim, -1))
-    R, N, K = _geometry(x, dim)
-    xv, sx_p, sx_n, sx_k = _pnk(x, dim)
-    m, sm_p, sm_n, sm_k = _mask_args(mask, x, dim)
-    yv, sy_p, sy_n, sy_k = _pnk(out, dim)
-    assert yv.data_ptr() == out.data_ptr() and yv.stride() == out.stride(), "out must be viewable as (P, N, K)"
-    cfg = _config(R, N, x, sx_n)
-    exact = x.dtype == torch.float32
-    ws = xv
-    if cfg.regime == "split":
-        ws = _states(x, dim, mask, cfg, R, N, K, xv)
-    _softmax_fwd_kernel[_grid(cfg, R)](
-        xv, m, yv, ws, R, N, K, sx_p, sx_n, sx_k, sm_p, sm_n, sm_k, sy_p, sy_n, sy_k, cfg.segment, cfg.split,
-        LOG=log, HAS_MASK=mask is not None, EXACT=exact, ONE_TILE=cfg.regime == "row",
-        FROM_WS=cfg.regime == "split", BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-        BLOCK_S=triton.next_power_of_2(cfg.split), num_warps=cfg.num_warps,
-    )
-    return out
+    return _normalise_launch(x, dim, mask, log, out, None)
 
 
 def softmax_fwd(x: Tensor, dim: int, *, mask: Tensor | None = None, log: bool = False) -> Tensor:
@@ -468,27 +449,17 @@ def softmax_bwd(y: Tensor, g: Tensor, dim: int, *, mask: Tensor | None = None, l
 
 def logsumexp_bwd_out(x: Tensor, lse: Tensor, g: Tensor, dim: int, *, mask: Tensor | None = None,
                       out: Tensor) -> Tensor:
-    """dx = g exp(x - lse); ``lse`` (working precision) and ``g`` have ``dim`` kept with size 1."""
+    """dx = g softmax(x); ``g`` has ``dim`` kept with size 1.  ``lse`` (working precision, dim kept) is the
+    forward's result; float64 uses it (reference path), the kernels recompute the row state instead."""
     if out.numel() == 0:
         return out
     if x.dtype == torch.float64:
         plain.lse_bwd(x.movedim(dim, -1), lse.squeeze(dim), g.squeeze(dim),
                       None if mask is None else mask.movedim(dim, -1), out.movedim(dim, -1))
         return out
-    R, N, K = _geometry(x, dim)
-    xv, sx_p, sx_n, sx_k = _pnk(x, dim)
-    lv, sl_p, _, sl_k = _pnk(lse, dim)
-    gv, sg_p, _, sg_k = _pnk(g, dim)
-    m, sm_p, sm_n, sm_k = _mask_args(mask, x, dim)
-    dv, sd_p, sd_n, sd_k = _pnk(out, dim)
-    assert dv.data_ptr() == out.data_ptr() and dv.stride() == out.stride(), "out must be viewable as (P, N, K)"
-    cfg = _config(R, N, x, sx_n)
-    _logsumexp_bwd_kernel[_grid(cfg, R)](
-        xv, lv, gv, m, dv, R, N, K, sx_p, sx_n, sx_k, sl_p, sl_k, sg_p, sg_k, sm_p, sm_n, sm_k, sd_p, sd_n, sd_k,
-        cfg.segment, cfg.split, HAS_MASK=mask is not None, EXACT=x.dtype == torch.float32, BLOCK_M=cfg.BLOCK_M,
-        BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps,
-    )
-    return out
+    # softmax(x) * g, the softmax recomputed from x (as the reference path): exp(x - lse) with a rounded
+    # fp32 lse carries |lse| u of error into every entry (2000 ulps at an offset of 1e4).
+    return _normalise_launch(x, dim, mask, False, out, g)
 
 
 def logsumexp_bwd(x: Tensor, lse: Tensor, g: Tensor, dim: int, *, mask: Tensor | None = None) -> Tensor:

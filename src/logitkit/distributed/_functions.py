@@ -86,30 +86,34 @@ class VocabParallelSoftmaxFunction(torch.autograd.Function):
 
 
 class VocabParallelLogsumexpFunction(torch.autograd.Function):
-    """Replicated lse (shape lead, the input's dtype); backward g * exp(x - lse) is local."""
+    """Replicated lse (shape lead, the input's dtype); backward g * softmax(x) is local."""
 
     @staticmethod
     def forward(ctx, xv: Tensor, mask: Tensor | None, group) -> Tensor:
         s = global_stats(xv, mask, True, group)
-        ctx.save_for_backward(xv, s.lse, mask)
+        ctx.save_for_backward(xv, s.a, s.r, s.lse, mask)
         return s.lse.to(xv.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g: Tensor):
-        xv, lse, mask = ctx.saved_tensors
+        xv, a, r, lse, mask = ctx.saved_tensors
         wd = working_dtype(xv.dtype)
         dx = torch.empty(xv.shape, dtype=xv.dtype, device=xv.device)
         if xv.numel() == 0:
             return dx, None, None
         for sl in iter_row_blocks(tuple(xv.shape[:-1]), xv.shape[-1]):
             x2 = as_rows(xv[sl]).to(wd)
-            l2 = lse[sl].reshape(-1, 1)
-            # An all -inf (or all masked) row has no mass: its gradient is 0, not 0/0.
-            l_safe = torch.where(torch.isneginf(l2), torch.zeros_like(l2), l2)
-            p = torch.exp(x2 - l_safe)
             if mask is not None:
-                p = p.masked_fill_(~as_rows(mask[sl]), 0.0)
+                x2 = x2.masked_fill(~as_rows(mask[sl]), -math.inf)
+            a2, r2, l2 = (t[sl].reshape(-1, 1) for t in (a, r, lse))
+            # exp(d) / (1 + r) from the global (max, rest sum): not exp(x - lse) with a rounded lse, which
+            # puts |lse| units of error into every entry.
+            p = shifted(x2, a2)[2] / (1.0 + r2)
+            # torch's conventions where lse is infinite: exp(x - lse) (NaN for an all -inf row, 0 / NaN with +inf)
+            p = torch.where(torch.isinf(l2), torch.exp(x2 - l2), p)
+            if mask is not None:  # nothing left in the row: no mass, gradient 0
+                p = torch.where(torch.isneginf(l2), torch.zeros_like(p), p)
             _store(dx[sl], p.mul_(g[sl].reshape(-1, 1).to(wd)))
         return dx, None, None
 

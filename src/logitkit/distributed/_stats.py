@@ -21,26 +21,17 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..reference.plain import as_rows, iter_row_blocks, working_dtype
+from ..reference.plain import as_rows, iter_row_blocks, two_diff, working_dtype
 from . import _comm
 
 ACC = torch.float64  # dtype of partial sums on the wire: exact enough that only the order differs
-
-
-def _two_diff(x: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
-    """x - a = hi + lo exactly (Knuth's TwoSum, the same operations as reference/plain.py); lo = 0 where
-    hi is not finite."""
-    hi = x - a
-    bp = hi - x  # the part of hi that came from -a
-    lo = (x - (hi - bp)).sub_(bp.add_(a))  # (x - x') + (-a - b')
-    return hi, lo.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def shifted(xw: Tensor, a: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
     """(d_hi, d_lo, exp(d)) of a working-precision (R, V) block shifted by a (R, 1), as plain.row_stats."""
     a_safe = torch.where(torch.isinf(a), torch.zeros_like(a), a)
     if xw.dtype == torch.float32:
-        d_hi, d_lo = _two_diff(xw, a_safe)
+        d_hi, d_lo = two_diff(xw, a_safe)
         e = torch.exp(d_hi)
         e.addcmul_(e, d_lo)  # exp(hi + lo) = exp(hi) (1 + lo) to first order: the shift loses nothing
         return d_hi, d_lo, e

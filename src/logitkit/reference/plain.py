@@ -99,6 +99,11 @@ def _two_diff(x: Tensor, a: Tensor, ws: Workspace, finite: bool) -> tuple[Tensor
     return hi, lo
 
 
+def two_diff(x: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+    """x - a = hi + lo exactly (TwoSum), fresh tensors; lo = 0 where hi is not finite."""
+    return _two_diff(x, a, Workspace(), False)
+
+
 @torch.no_grad()
 def row_stats(x2: Tensor, mask2: Tensor | None, masked: bool, ws: Workspace | None = None) -> Stats:
     """(max, rest-sum) statistics of each row of a contiguous (R, V) block, V >= 1.
@@ -354,7 +359,7 @@ def softmax_bwd(y: Tensor, g: Tensor, dx: Tensor) -> Tensor:
 
 @torch.no_grad()
 def log_softmax_bwd(y: Tensor, g: Tensor, mv: Tensor | None, dx: Tensor) -> Tensor:
-    """dx = g - exp(y) * sum(g); with a mask, entries whose y is -inf (masked out, or in an empty row) get 0."""
+    """dx = g - exp(y) * sum(g); with a mask, masked-out entries and rows with nothing left get 0."""
     if y.numel() == 0:
         return dx
     wd = working_dtype(y.dtype)
@@ -362,7 +367,8 @@ def log_softmax_bwd(y: Tensor, g: Tensor, mv: Tensor | None, dx: Tensor) -> Tens
         y2, g2 = as_rows(y[sl]).to(wd), as_rows(g[sl]).to(wd)
         res = g2 - torch.exp(y2) * g2.sum(dim=1, keepdim=True)
         if mv is not None:
-            res = res.masked_fill_(torch.isneginf(y2), 0.0)
+            res.masked_fill_(~as_rows(mv[sl]), 0.0)
+            res.masked_fill_(torch.isneginf(y2).all(dim=1, keepdim=True), 0.0)
         _store(dx[sl], res)
     return dx
 

@@ -102,6 +102,14 @@ def _normalised(x, a, r, LOG: tl.constexpr, MASKED: tl.constexpr, EXACT: tl.cons
 
 
 @triton.jit
+def _times_g(y, x, a, r, g):
+    """The logsumexp gradient g softmax(x); a row holding +inf gets torch's exp(x - inf) * g: 0 off the
+    infinities, NaN on them (its softmax is a NaN row)."""
+    inf_row = ((a == float("inf")) & (r == r))[:, None]
+    return tl.where(inf_row, tl.where(x == float("inf"), float("nan"), 0.0), y) * g
+
+
+@triton.jit
 def _state_kernel(x_ptr, m_ptr, out_ptr, ws_ptr, R, N, K,
                   sx_p, sx_n, sx_k, sm_p, sm_n, sm_k, SEGMENT, SPLIT,
                   HAS_MASK: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -165,7 +173,7 @@ def _softmax_fwd_kernel(x_ptr, m_ptr, y_ptr, ws_ptr, g_ptr, R, N, K,
         a, r = tile_state(x, EXACT)
         y = _normalised(x, a, r, LOG, HAS_MASK, EXACT)
         if SCALE_G:
-            y = y * g
+            y = _times_g(y, x, a, r, g)
         tl.store(y_ptr + (yrow[:, None] + cols.to(tl.int64)[None, :] * sy_n), round_to(y, y_ptr.dtype.element_ty),
                  mask=ok)
     else:
@@ -182,7 +190,7 @@ def _softmax_fwd_kernel(x_ptr, m_ptr, y_ptr, ws_ptr, g_ptr, R, N, K,
             x, ok = _load_row_tile(x_ptr, m_ptr, xrow, mrow, row_ok, cols, end, sx_n, sm_n, HAS_MASK)
             y = _normalised(x, a, r, LOG, HAS_MASK, EXACT)
             if SCALE_G:
-                y = y * g
+                y = _times_g(y, x, a, r, g)
             tl.store(y_ptr + (yrow[:, None] + cols.to(tl.int64)[None, :] * sy_n),
                      round_to(y, y_ptr.dtype.element_ty), mask=ok)
 

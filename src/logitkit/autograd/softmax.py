@@ -46,9 +46,11 @@ class SoftmaxFunction(torch.autograd.Function):
             wd = plain.working_dtype(y.dtype)
             yw, gw = y.to(wd), g.to(wd)
             if ctx.log:
-                dx = gw - torch.exp(yw) * gw.sum(dim, keepdim=True)
+                gin = gw if mask is None else gw.masked_fill(~mask, 0.0)  # masked outputs are constants
+                dx = gw - torch.exp(yw) * gin.sum(dim, keepdim=True)
                 if mask is not None:
-                    dx = dx.masked_fill(~mask, 0.0)
+                    empty = torch.isneginf(yw).all(dim, keepdim=True)  # nothing left in the row
+                    dx = dx.masked_fill(~mask | empty, 0.0)
             else:
                 dx = yw * (gw - (gw * yw).sum(dim, keepdim=True))
             return dx.to(y.dtype), None, None, None, None

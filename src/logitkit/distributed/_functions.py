@@ -53,13 +53,13 @@ class VocabParallelSoftmaxFunction(torch.autograd.Function):
                 res = e.div_(denom[sl].reshape(-1, 1))  # a true division: one rounding per entry
             _store(y[sl], res)
         ctx.log, ctx.group = log, group
-        ctx.save_for_backward(y, mask)
+        ctx.save_for_backward(y, mask, torch.isneginf(s.a))  # rows with nothing left (global max -inf)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g: Tensor):
-        y, mask = ctx.saved_tensors
+        y, mask, empty = ctx.saved_tensors
         lead, V = tuple(y.shape[:-1]), y.shape[-1]
         wd = working_dtype(y.dtype)
         # The row sum over the whole vocabulary: sum(g * y) (softmax) or sum(g) (log_softmax).
@@ -67,6 +67,8 @@ class VocabParallelSoftmaxFunction(torch.autograd.Function):
         blocks = list(iter_row_blocks(lead, V)) if V > 0 else []
         for sl in blocks:
             y2, g2 = as_rows(y[sl]).to(wd), as_rows(g[sl]).to(wd)
+            if mask is not None:  # masked-out outputs are constants: their upstream gradient is not summed
+                g2 = g2.masked_fill(~as_rows(mask[sl]), 0.0)
             t = g2 if ctx.log else g2 * y2
             _store(part[sl], t.sum(dim=1, dtype=ACC))
         _comm.all_reduce(part, "sum", ctx.group)
@@ -79,6 +81,7 @@ class VocabParallelSoftmaxFunction(torch.autograd.Function):
                 res = g2 - torch.exp(y2) * s2
                 if mask is not None:
                     res = res.masked_fill_(~as_rows(mask[sl]), 0.0)
+                    res = res.masked_fill_(empty[sl].reshape(-1, 1), 0.0)
             else:
                 res = y2 * (g2 - s2)
             _store(dx[sl], res)

@@ -365,9 +365,12 @@ def log_softmax_bwd(y: Tensor, g: Tensor, mv: Tensor | None, dx: Tensor) -> Tens
     wd = working_dtype(y.dtype)
     for sl in iter_row_blocks(tuple(y.shape[:-1]), y.shape[-1]):
         y2, g2 = as_rows(y[sl]).to(wd), as_rows(g[sl]).to(wd)
-        res = g2 - torch.exp(y2) * g2.sum(dim=1, keepdim=True)
-        if mv is not None:
-            res.masked_fill_(~as_rows(mv[sl]), 0.0)
+        m2 = None if mv is None else as_rows(mv[sl])
+        # masked-out outputs are constants (-inf): their upstream gradient does not enter the sum
+        gsum = (g2 if m2 is None else g2.masked_fill(~m2, 0.0)).sum(dim=1, keepdim=True)
+        res = g2 - torch.exp(y2) * gsum
+        if m2 is not None:
+            res.masked_fill_(~m2, 0.0)
             res.masked_fill_(torch.isneginf(y2).all(dim=1, keepdim=True), 0.0)
         _store(dx[sl], res)
     return dx

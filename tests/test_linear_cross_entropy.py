@@ -270,3 +270,72 @@ def test_signature_matches_torch():
         assert ours[name].kind == p.kind, name
         assert ours[name].default == p.default, name
     assert list(ours)[: len(theirs)] == list(theirs)
+
+
+def _triton_runs() -> bool:
+    import os
+
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _triton_runs(), reason="needs CUDA or TRITON_INTERPRET=1 with triton installed")
+@pytest.mark.parametrize("dtype", [F32, BF16])  # the kernel's two precision regimes (TwoSum fp32, widened half)
+@pytest.mark.parametrize("red", ["mean", "sum", "none"])  # fused-in-forward (mean/sum) and recompute (none)
+def test_fused_kernel_path_against_float64(dtype, red):
+    """use_backend('triton'): the chunk's loss and gradient come from the fused cross-entropy kernel."""
+    M, D, V = 13, 9, 37  # V not a multiple of any block; several chunks below
+    x, W, b, t = _make(M, D, V, dtype, seed=5, bias=True)
+    t[::4] = -100
+    weight = torch.rand(V, dtype=F64).to(F32) + 0.1
+    kw = dict(reduction=red, label_smoothing=0.1, z_loss=1e-3, softcap=5.0)
+    tensors = [x, W, b]
+
+    def ours(x, W, b):
+        with lk.use_backend("triton"):
+            return lk.linear_cross_entropy(x, W, t, linear_bias=b, weight=weight, options=_Options(5), **kw)
+
+    def ref(x, W, b):
+        return _reference(x, W, t, b, weight=weight, **kw)
+
+    def up(out):
+        return torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype).reshape(out.shape)
+
+    lo, go = _grads(ours, tensors, up)
+    lr, gr = _grads(ref, tensors, up)
+    assert lo.dtype == F32
+    # the loss of the logits as the GEMM rounds them to the input dtype (the unfused graph's logits too)
+    logits = F.linear(x, W, b).double()
+    capped = kw["softcap"] * torch.tanh(logits / kw["softcap"])
+    ce = F.cross_entropy(capped, t, weight.double(), reduction="none", label_smoothing=kw["label_smoothing"])
+    valid = t != -100
+    ce = ce + torch.where(valid, kw["z_loss"] * torch.logsumexp(capped, -1) ** 2, 0.0)
+    wt = (weight.double()[torch.where(valid, t, 0)] * valid).sum()
+    expect = {"none": ce, "sum": ce.sum(), "mean": ce.sum() / wt}[red]
+    assert _rel(lo, expect) < 8 * torch.finfo(F32).eps
+    for a, r in zip(go, gr):
+        assert a.dtype == dtype
+        # gradients are rounded once to the input dtype (and the logits themselves were rounded to it)
+        assert _rel(a, r) < 8 * torch.finfo(dtype).eps
+
+
+@pytest.mark.skipif(not _triton_runs(), reason="needs CUDA or TRITON_INTERPRET=1 with triton installed")
+def test_fused_kernel_path_all_ignored_and_stats():
+    x, W, _, t = _make(6, 5, 11, F32)
+    with lk.use_backend("triton"):
+        s = lk.linear_cross_entropy_with_stats(x, W, t, reduction="none")
+        logits = F.linear(x.double(), W.double())
+        assert _rel(s.lse, torch.logsumexp(logits, -1)) < 8 * torch.finfo(F32).eps
+        p = torch.softmax(logits, -1)
+        assert _rel(s.entropy, -(p * torch.log_softmax(logits, -1)).sum(-1)) < 16 * torch.finfo(F32).eps
+        t2 = torch.full_like(t, -100)
+        xr = x.clone().requires_grad_()
+        loss = lk.linear_cross_entropy(xr, W, t2)
+        assert torch.isnan(loss)
+        (g,) = torch.autograd.grad(loss, xr)
+        assert torch.count_nonzero(g) == 0

@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from . import _config
 from . import _validate as check
 from .autograd.linear_cross_entropy import LinearCrossEntropyFunction, make_opts, token_chunk
 from .reference.plain import working_dtype
@@ -101,7 +102,8 @@ def _run(input, linear_weight, target, linear_bias, weight, reduction, ignore_in
     M = x.numel() // max(D, 1)
     x2 = x.reshape(M, D)
     t2 = target.reshape(M, V) if prob else target.reshape(M).long()
-    o = make_opts(w, ii, red, eps, z, cap, token_chunk(M, V, requested), prob, entropy)
+    use_triton = _config.wants_triton(x.device.type) and x.dtype != torch.float64
+    o = make_opts(w, ii, red, eps, z, cap, token_chunk(M, V, requested), prob, entropy, use_triton)
     loss, lse, ent = LinearCrossEntropyFunction.apply(x2, linear_weight, linear_bias, t2, o)
     if red == "none":
         loss = loss.reshape(lead)

@@ -34,12 +34,15 @@ def _logits(xc: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
 
 
 class _Opts:
-    __slots__ = ("weight", "ignore_index", "reduction", "eps", "z_loss", "softcap", "chunk", "prob", "entropy")
+    __slots__ = ("weight", "ignore_index", "reduction", "eps", "z_loss", "softcap", "chunk", "prob", "entropy",
+                 "use_triton")
 
-    def __init__(self, weight, ignore_index, reduction, eps, z_loss, softcap, chunk, prob, entropy):
+    def __init__(self, weight, ignore_index, reduction, eps, z_loss, softcap, chunk, prob, entropy, use_triton):
         self.weight, self.ignore_index, self.reduction = weight, ignore_index, reduction
         self.eps, self.z_loss, self.softcap, self.chunk, self.prob = eps, z_loss, softcap, chunk, prob
         self.entropy = entropy
+        # The fused kernel serves class-index targets in fp16/bf16/fp32; the rest takes the reference rows.
+        self.use_triton = use_triton and not prob
 
 
 def _chunk_rows(logits: Tensor, tc: Tensor, o: _Opts) -> tuple[Tensor, Tensor, Tensor]:
@@ -59,6 +62,31 @@ def _chunk_grad(logits: Tensor, tc: Tensor, g_rows: Tensor, o: _Opts) -> Tensor:
     return ref.ce_grad(logits, tc, o.weight, o.ignore_index, o.eps, o.z_loss, o.softcap, g_rows, wd)
 
 
+def _acc_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b with acc in float32 (or float64) and a, b possibly half: accumulate without rounding
+    each chunk's product to half. CUDA's ``addmm(..., out_dtype=)`` does it inside the GEMM; elsewhere the
+    chunk is widened first."""
+    if a.dtype != acc.dtype and a.is_cuda:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (TypeError, RuntimeError):  # torch without the out_dtype overload
+            pass
+    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def _chunk_fused(logits: Tensor, tc: Tensor, g_c: Tensor | None, o: _Opts, loss: Tensor, lse: Tensor,
+                 ent: Tensor | None, want_grad: bool) -> Tensor | None:
+    """The fused kernel over one (T, V) chunk: loss/lse (and entropy) rows written in place, and, when asked,
+    the gradient written over the logits themselves (read once, written once). Returns the gradient."""
+    from ..triton.cross_entropy import ce_fwd_out
+
+    ce_fwd_out(logits, tc, loss=loss, lse=lse, entropy=ent, dx=logits if want_grad else None, weight=o.weight,
+               ignore_index=o.ignore_index, label_smoothing=o.eps, z_loss=o.z_loss, softcap=o.softcap,
+               grad_scale=g_c)
+    return logits if want_grad else None
+
+
 def _accumulate(x: Tensor, W: Tensor, b: Tensor | None, target: Tensor, g_rows: Tensor | None, o: _Opts,
                 need: tuple[bool, bool, bool]):
     """One sweep over token chunks. Returns (loss rows, lse rows, wt rows, entropy rows, dx, dW, db); the
@@ -76,24 +104,34 @@ def _accumulate(x: Tensor, W: Tensor, b: Tensor | None, target: Tensor, g_rows: 
     db = torch.zeros(V, dtype=wd, device=x.device) if need[2] else None
     any_grad = any(need)
     for s in range(0, M, o.chunk):
-        xc, tc = x[s : s + o.chunk], target[s : s + o.chunk]
+        e = min(M, s + o.chunk)
+        xc, tc = x[s:e], target[s:e]
         logits = _logits(xc, W, b)
-        rows, l_c, w_c = _chunk_rows(logits, tc, o)
-        loss[s : s + o.chunk], lse[s : s + o.chunk], wt[s : s + o.chunk] = rows, l_c, w_c
-        if ent.numel():
-            ent[s : s + o.chunk] = ref.entropy_rows(ref.capped(logits, o.softcap))
-        if not any_grad:
-            continue
-        g_c = torch.ones(xc.shape[0], dtype=wd, device=x.device) if g_rows is None else g_rows[s : s + o.chunk]
-        dl = _chunk_grad(logits, tc, g_c, o)
+        if o.use_triton:
+            dl = _chunk_fused(logits, tc, None if g_rows is None else g_rows[s:e], o, loss[s:e], lse[s:e],
+                              ent[s:e] if ent.numel() else None, any_grad)
+            valid = tc != o.ignore_index
+            w_c = o.weight.to(wd)[torch.where(valid, tc, 0)] if o.weight is not None else torch.ones_like(lse[s:e])
+            wt[s:e] = torch.where(valid, w_c, 0.0)
+        else:
+            rows, l_c, w_c = _chunk_rows(logits, tc, o)
+            loss[s:e], lse[s:e], wt[s:e] = rows, l_c, w_c
+            if ent.numel():
+                ent[s:e] = ref.entropy_rows(ref.capped(logits, o.softcap))
+            dl = None
+            if any_grad:
+                g_c = torch.ones(e - s, dtype=wd, device=x.device) if g_rows is None else g_rows[s:e]
+                # rounded once to the input dtype for the matmuls, as the unfused graph does
+                dl = _chunk_grad(logits, tc, g_c, o).to(x.dtype)
         del logits
+        if dl is None:
+            continue
         if dx is not None:
-            # The logits' gradient is rounded once to the input dtype for the matmul, as the unfused graph does.
-            torch.mm(dl.to(x.dtype), W, out=dx[s : s + o.chunk])
+            torch.mm(dl, W, out=dx[s:e])
         if dW is not None:
-            dW.addmm_(dl.t(), xc.to(wd))
+            _acc_mm(dW, dl.t(), xc)
         if db is not None:
-            db.add_(dl.sum(dim=0))
+            db.add_(dl.sum(dim=0, dtype=wd))
     return loss, lse, wt, ent, dx, dW, db
 
 
@@ -164,5 +202,6 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         )
 
 
-def make_opts(weight, ignore_index, reduction, eps, z_loss, softcap, chunk, prob, entropy=False) -> _Opts:
-    return _Opts(weight, ignore_index, reduction, eps, z_loss, softcap, chunk, prob, entropy)
+def make_opts(weight, ignore_index, reduction, eps, z_loss, softcap, chunk, prob, entropy=False,
+              use_triton=False) -> _Opts:
+    return _Opts(weight, ignore_index, reduction, eps, z_loss, softcap, chunk, prob, entropy, use_triton)

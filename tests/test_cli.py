@@ -127,3 +127,26 @@ def test_missing_subcommand_errors(capsys):
 def test_bench_cuda_without_device(capsys):
     assert main(["bench", "--quick", "--device", "cuda"]) == 2
     assert "no CUDA device" in capsys.readouterr().out
+
+
+def test_bench_linear_ce_suite_quick(tmp_path, capsys):
+    """The linear cross-entropy suite runs on the CPU: time and peak memory for torch and logitkit."""
+    json_path = tmp_path / "lce.json"
+    code = main(["bench", "--suite", "linear-ce", "--quick", "--device", "cpu", "--json", str(json_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    payload = json.loads(json_path.read_text())
+    assert META_KEYS <= payload["meta"].keys()
+    measured = {r["provider"]: r for r in payload["rows"] if "median_ms" in r}
+    assert {"torch", "logitkit"} <= measured.keys()
+    for r in measured.values():
+        assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["tflop_s"] > 0
+        assert r["error"] is None and r["peak_extra_bytes"] is not None, r
+    skipped = [r for r in payload["rows"] if "skipped" in r]
+    assert all(r["skipped"] for r in skipped)  # a missing peer says why
+
+
+def test_gpu_softmax_suite_needs_cuda(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert main(["bench", "--suite", "gpu-softmax", "--device", "cpu"]) == 2

@@ -27,6 +27,7 @@ pytestmark = [
 triton = pytest.importorskip("triton")
 from logitkit.triton import _tuning  # noqa: E402
 from logitkit.triton import cross_entropy as kernels  # noqa: E402
+import logitkit._library  # noqa: E402,F401  (registers the logitkit:: ops)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
@@ -394,3 +395,87 @@ def test_force_hook_reaches_the_looped_path():
     with pytest.raises(ValueError):
         with _tuning.force_cross_entropy(6):
             pass
+
+
+# torch.library: every registered cross-entropy op passes opcheck (schema incl. declared mutations, fake impl,
+# autograd registration, AOT dispatch), and a fullgraph compile of the public ops on the triton path captures
+# the kernels as opaque nodes, forward and backward, with the same values and gradients as eager.
+def _opcheck(op, args):
+    torch.library.opcheck(op, args)
+
+
+def test_library_opcheck_cross_entropy():
+    x, t, w = _inputs(F32, seed=21)
+    denom = torch.tensor([3.0], device=DEV)
+    gs = torch.rand(M, device=DEV) + 0.5
+    f32 = dict(dtype=torch.float32, device=DEV)
+    ops = torch.ops.logitkit
+    _opcheck(ops.ce_fwd.default, (x, t, w, denom, -100, 0.1, 1e-3, 5.0, True, True))
+    _opcheck(ops.ce_fwd.default, (x, t, None, None, -100, 0.0, 0.0, None, False, False))
+    _opcheck(ops.ce_fwd_inplace.default, (x.clone(), t, w, denom, -100, 0.1, 0.0, None, True))
+    bufs = [torch.empty(M, **f32), torch.empty(M, **f32), torch.empty(M, **f32), torch.empty_like(x)]
+    _opcheck(ops.ce_fwd_out.default, (x, t, *bufs, w, None, -100, 0.1, 0.0, None, gs, denom))
+    _opcheck(ops.ce_fwd_out.default, (x, t, bufs[0], bufs[1], None, None, None, None, -100, 0.0, 0.0, None, None,
+                                      None))
+    _opcheck(ops.ce_bwd.default, (x, t, gs, w, denom, -100, 0.1, 1e-3, 5.0))
+    y = torch.softmax(torch.randn(M, V, device=DEV), -1)
+    _opcheck(ops.ce_prob_fwd.default, (x, y, w, denom, 0.1, 1e-3, None, True, True))
+    _opcheck(ops.ce_prob_fwd_inplace.default, (x.clone(), y, None, None, 0.0, 0.0, 5.0, False))
+    _opcheck(ops.ce_prob_bwd.default, (x, y, gs, w, denom, 0.1, 0.0, None))
+    _opcheck(ops.grad_scale_.default, (x.clone(), torch.tensor([0.5], device=DEV)))
+    idx = torch.randint(0, V, (M, 3), device=DEV)
+    out, a, r = ops.selective_fwd(x, idx)
+    assert out.shape == idx.shape and out.dtype == torch.float32 and a.shape == r.shape == (M,)
+    _opcheck(ops.selective_fwd.default, (x, idx))
+    _opcheck(ops.selective_bwd.default, (x, idx, torch.randn(M, 3, device=DEV), a, r))
+    h, a, r = ops.entropy_fwd(x)
+    _opcheck(ops.entropy_fwd.default, (x,))
+    _opcheck(ops.entropy_bwd.default, (x, torch.randn(M, device=DEV), h, a, r))
+
+
+def test_library_ops_declare_their_writes():
+    """The in-place forms write what their schema says (and the functional forms leave inputs alone)."""
+    x, t, _ = _inputs(F32, seed=22)
+    x0 = x.clone()
+    loss, lse, ent, dx = torch.ops.logitkit.ce_fwd(x, t, None, None, -100, 0.0, 0.0, None, True, False)
+    assert torch.equal(x, x0) and ent.numel() == 0 and dx.shape == x.shape
+    buf = x.clone()
+    loss2, lse2, _ = torch.ops.logitkit.ce_fwd_inplace(buf, t, None, None, -100, 0.0, 0.0, None, False)
+    assert torch.equal(buf, dx) and torch.equal(loss2, loss) and torch.equal(lse2, lse)
+    torch.ops.logitkit.grad_scale_(buf, torch.tensor([2.0]))
+    assert torch.equal(buf, 2 * dx)
+    for name in ("ce_fwd_inplace", "ce_prob_fwd_inplace", "grad_scale_", "ce_fwd_out"):
+        schema = getattr(torch.ops.logitkit, name).default._schema
+        assert any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments), name
+    for name in ("ce_fwd", "ce_bwd", "ce_prob_fwd", "ce_prob_bwd", "selective_fwd", "selective_bwd",
+                 "entropy_fwd", "entropy_bwd"):
+        schema = getattr(torch.ops.logitkit, name).default._schema
+        assert not any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments), name
+
+
+_T_COMPILE = torch.tensor([0, 3, -100, 36, 5, 1])
+# One case per kernel family, with the options that select distinct kernels (class index with an ignored row,
+# mean reduction, fused gradient; probability targets; selective; entropy).
+COMPILE_CASES = {
+    "cross_entropy_mean": lambda x: lk.cross_entropy(x, _T_COMPILE.to(x.device)),
+    "cross_entropy_prob": lambda x: lk.cross_entropy(x, torch.softmax(x.detach() * 0.5, -1)),
+    "selective_log_softmax": lambda x: lk.selective_log_softmax(x, _T_COMPILE.to(x.device).clamp_min(0)[:, None]),
+    "entropy": lambda x: lk.entropy(x),
+}
+
+
+@pytest.mark.parametrize("name", list(COMPILE_CASES))
+@pytest.mark.parametrize("path", PATHS)
+def test_compile_fullgraph_triton_path(name, path):
+    fn = COMPILE_CASES[name]
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    x0 = torch.randn(M, V, device=DEV) * 3
+    x1, x2 = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+    with lk.use_backend("triton"), _path(path):
+        out, ref = compiled(x1), fn(x2)
+        assert torch.equal(out, ref)
+        g = torch.rand(ref.shape, device=DEV) + 0.5
+        (out * g).sum().backward()
+        (ref * g).sum().backward()
+    assert torch.equal(x1.grad, x2.grad)

@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 _OPS = ("softmax", "log_softmax", "logsumexp", "cross_entropy")
+_SUITES = ("shapes", "linear-ce", "gpu-softmax")
 
 
 def _import_benchmarks(name: str):
@@ -63,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of the medians")
     bench.add_argument("--op", nargs="+", choices=_OPS, help="only these ops")
+    bench.add_argument(
+        "--suite",
+        choices=_SUITES,
+        default="shapes",
+        help="shapes: the named (M, V) shapes (default); linear-ce: linear cross-entropy (time, TFLOP/s, memory); "
+        "gpu-softmax: the softmax-kernel grid (N = 256..1M, last and non-last dim, TB/s vs copy; CUDA)",
+    )
     bench.add_argument("--shape", nargs="+", metavar="NAME", help="only these named shapes (benchmarks/shapes.py)")
     bench.add_argument(
         "--provider",
@@ -96,15 +104,37 @@ def _accuracy(args, console) -> int:
     return 0
 
 
+def _suite(args, console, device: str) -> int:
+    """The per-issue suites that do not fit the (M, V) shape table."""
+    harness = _import_benchmarks("harness")
+    if args.suite == "linear-ce":
+        payload = _import_benchmarks("linear_ce").run(device=device, quick=args.quick, console=console)
+    else:
+        if device != "cuda":
+            console.print("[red]--suite gpu-softmax needs --device cuda[/]")
+            return 2
+        payload = _import_benchmarks("gpu_softmax").run(quick=args.quick)
+    for row in payload["rows"]:
+        console.print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                      highlight=False)
+    if args.json is not None:
+        path = args.json or _default_json(args.suite, device)
+        harness.write_json(path, payload)
+        console.print(f"wrote {path}")
+    return 0
+
+
 def _bench(args, console) -> int:
     import torch
 
-    bench = _import_benchmarks("bench")
-    harness = _import_benchmarks("harness")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         console.print("[red]--device cuda: no CUDA device is available[/]")
         return 2
+    if args.suite != "shapes":
+        return _suite(args, console, device)
+    bench = _import_benchmarks("bench")
+    harness = _import_benchmarks("harness")
     providers = None if args.provider is None else tuple(dict.fromkeys(["torch", *args.provider]))
     try:
         payload = bench.run(

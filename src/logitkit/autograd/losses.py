@@ -53,9 +53,10 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _triton():
-    from ..triton import cross_entropy as kernels
+    # The launchers of triton/cross_entropy.py behind their torch.library ops (one node each for torch.compile).
+    from .._library import cross_entropy_ops
 
-    return kernels
+    return cross_entropy_ops
 
 
 def _kernel_ok(use_triton: bool, xv: Tensor) -> bool:
@@ -112,15 +113,9 @@ class CrossEntropyFunction(torch.autograd.Function):
                 wt = torch.where(valid, weight.float()[t_safe], torch.zeros((), device=xv.device))
                 denom = wt.sum().reshape(1)
         fused = reduction != "none" and ctx.needs_input_grad[0] and M > 0
-        dx = None
-        if fused:
-            dx = x2 if inplace_backward else torch.empty((M, V), dtype=xv.dtype, device=xv.device)
-        f32 = dict(dtype=torch.float32, device=xv.device)
-        loss_rows, lse = torch.empty(M, **f32), torch.empty(M, **f32)
-        ent = torch.empty(M, **f32) if with_entropy else torch.empty(0, **f32)
-        k.ce_fwd_out(x2, t2, loss=loss_rows, lse=lse, entropy=ent if with_entropy else None, dx=dx,
-                     weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-                     softcap=softcap, denom=denom)
+        loss_rows, lse, ent, dx = k.ce_fwd(x2, t2, weight=weight, denom=denom, ignore_index=ignore_index,
+                                           label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                                           with_grad=fused, with_entropy=with_entropy, inplace=inplace_backward)
         if fused:
             ctx.fused_dx = dx
             ctx.consumed = bool(inplace_backward)
@@ -224,14 +219,9 @@ class CrossEntropyProbFunction(torch.autograd.Function):
         f32 = dict(dtype=torch.float32, device=xv.device)
         denom = torch.full((1,), float(M), **f32) if reduction == "mean" else None
         fused = reduction != "none" and ctx.needs_input_grad[0] and M > 0
-        dx = None
-        if fused:
-            dx = x2 if inplace_backward else torch.empty((M, V), dtype=xv.dtype, device=xv.device)
-        loss_rows, lse = torch.empty(M, **f32), torch.empty(M, **f32)
-        ent = torch.empty(M, **f32) if with_entropy else torch.empty(0, **f32)
-        k.ce_prob_fwd_out(x2, y2, loss=loss_rows, lse=lse, entropy=ent if with_entropy else None, dx=dx,
-                          weight=weight, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-                          denom=denom)
+        loss_rows, lse, ent, dx = k.ce_prob_fwd(x2, y2, weight=weight, denom=denom, label_smoothing=label_smoothing,
+                                                z_loss=z_loss, softcap=softcap, with_grad=fused,
+                                                with_entropy=with_entropy, inplace=inplace_backward)
         if fused:
             ctx.fused_dx = dx
             ctx.consumed = bool(inplace_backward)

@@ -183,3 +183,58 @@ else:
     def to_f32(v):
         """v widened to fp32 (exact)."""
         return v.to(tl.float32)
+
+
+# Appended for the cross-entropy kernels (generic: any kernel may use them) ---------------------------------
+#   exp_scaled(hi, lo)    2**64 exp(hi + lo), full fp32 precision also where exp(hi + lo) is subnormal
+#   div_rn(a, b)          a / b correctly rounded ('/' is div.full.f32, 2 ulp, on CUDA)
+#   tanh_acc(x)           accurate tanh (libdevice; float64 in the interpreter)
+
+TWO_64 = tl.constexpr(18446744073709551616.0)  # 2**64: the scale of exp_scaled (exact in fp32)
+TWO_M64 = tl.constexpr(5.421010862427522e-20)  # 2**-64
+
+
+@triton.jit
+def exp_scaled(hi, lo):
+    """2**64 exp(hi + lo) (hi + lo = a shift x - a, lo the TwoSum part): a rest sum of such terms keeps the
+    bits of terms whose exp is subnormal in fp32 (below e**-87), which exp(hi) would round to 2**-149 steps.
+
+    For hi < -80 it is exp(hi + C_HI) (1 + lo + C_LO) with C_HI + C_LO = 64 ln 2: hi + C_HI is exact there
+    (|hi| >= 64 has an ulp >= 2**-17 and C_HI is a multiple of 2**-15, and results below -128 underflow anyway),
+    and |lo + C_LO| < 2**-22 keeps the first-order correction exact to fp32.  Otherwise exp(hi) (1 + lo) 2**64,
+    a power of two (exact).
+    """
+    deep = hi < -80.0
+    z = tl.where(deep, hi + 44.361419677734375, hi)
+    c = tl.where(deep, lo + -1.2189787668148710e-07, lo)
+    e = exp_acc(z)
+    e = e + e * c
+    return tl.where(deep, e, e * TWO_64)
+
+
+if _INTERPRETED:
+
+    @triton.jit
+    def div_rn(a, b):
+        return a / b  # NumPy's float32 division is correctly rounded
+
+    @triton.jit
+    def tanh_acc(x):
+        # NumPy's float32 tanh is not correctly rounded: tanh(|x|) = -expm1(-2|x|) / (2 + expm1(-2|x|)) in
+        # float64, expm1 by Goldberg's trick, stands in for libdevice's.
+        z = -2.0 * tl.abs(x.to(tl.float64))
+        u = tl.exp(z)
+        em1 = tl.where(u == 1.0, z, (u - 1.0) * (z / tl.where(u == 1.0, 1.0, tl.log(u))))
+        em1 = tl.where(u == 0.0, -1.0, em1)
+        t = (-em1 / (2.0 + em1)).to(tl.float32)
+        return tl.where(x < 0, -t, t)
+
+else:
+
+    @triton.jit
+    def div_rn(a, b):
+        return tl.math.div_rn(a, b)
+
+    @triton.jit
+    def tanh_acc(x):
+        return libdevice.tanh(x)

@@ -36,10 +36,7 @@ from torch import Tensor
 
 from . import _tuning
 
-try:  # Triton >= 3.0 exposes the CUDA libdevice wrappers here.
-    from triton.language.extra import libdevice
-except ImportError:  # pragma: no cover - very old Triton
-    libdevice = None
+from ._lib import TWO_64, TWO_M64, div_rn, exp_scaled, log1p_acc, round_to, tanh_acc, to_f32, two_diff
 
 # ---------------------------------------------------------------------------------------------------------
 # Configs: the block/warp table is the "# cross-entropy" section of _tuning.py
@@ -52,136 +49,105 @@ def _block_config(V: int, device_type: str) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Shared @triton.jit helpers (generic ones are candidates for _lib.py)
+# Row state helpers.  Generic pieces (TwoSum, accurate exp / log1p / tanh / division, the interpreter's
+# rounding casts) come from _lib.py.  The state differs from _lib's tile_state / merge_state in one way: the
+# rest sum is carried scaled, R = 2**64 r (exact), with terms from exp_scaled, because these kernels return
+# fp32 losses whose targets hold down to subnormal values (a confident row's loss is r itself): unscaled, every
+# term below e**-87 would be rounded to a multiple of 2**-149 before the sum (NUMERICS.md underflow family).
+# Empty state (-inf, 0); a NaN in the row makes R NaN and it stays NaN through merges.
 # ---------------------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _exp(x, PRECISE: tl.constexpr):
-    if PRECISE:
-        return libdevice.exp(x)  # ~1 ulp; tl.exp rounds x * log2(e) first (|x| ulps off)
-    else:
-        return tl.exp(x)
-
-
-@triton.jit
-def _log1p(r, PRECISE: tl.constexpr):
-    if PRECISE:
-        return libdevice.log1p(r)
-    else:
-        # Interpreter (no libdevice there): Goldberg's log1p, log(u) r / (u - 1) with u = 1 + r, in float64
-        # so that the result rounds to fp32 correctly (the fp32 form is ~2 ulps off).
-        r64 = r.to(tl.float64)
-        u = 1.0 + r64
-        res = tl.where(u == 1.0, r64, tl.log(u) * (r64 / tl.where(u == 1.0, 1.0, u - 1.0)))
-        return res.to(tl.float32)
-
-
-@triton.jit
-def _div(a, b, PRECISE: tl.constexpr):
-    if PRECISE:
-        return tl.math.div_rn(a, b)  # a true division: '/' is div.full.f32 (2 ulp) on CUDA
-    else:
-        return a / b
-
-
-@triton.jit
-def _tanh(x, PRECISE: tl.constexpr):
-    if PRECISE:
-        return libdevice.tanh(x)
-    else:
-        # Interpreter: tanh(|x|) = -expm1(-2|x|) / (2 + expm1(-2|x|)) in float64, expm1 by Goldberg's trick.
-        z = -2.0 * tl.abs(x.to(tl.float64))
-        u = tl.exp(z)
-        em1 = tl.where(u == 1.0, z, (u - 1.0) * (z / tl.where(u == 1.0, 1.0, tl.log(u))))
-        em1 = tl.where(u == 0.0, -1.0, em1)
-        t = (-em1 / (2.0 + em1)).to(tl.float32)
-        return tl.where(x < 0, -t, t)
-
-
-@triton.jit
-def _load_row_block(x_ptr, cols, mask, cap, HAS_CAP: tl.constexpr, PRECISE: tl.constexpr):
+def _load_row_block(x_ptr, cols, mask, cap, HAS_CAP: tl.constexpr):
     """A block of logits in fp32, -inf past the row end, softcapped when asked."""
-    x = tl.load(x_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
+    x = to_f32(tl.load(x_ptr + cols, mask=mask, other=float("-inf")))
     if HAS_CAP:
-        x = tl.where(mask, cap * _tanh(x / cap, PRECISE), float("-inf"))
+        x = tl.where(mask, cap * tanh_acc(x / cap), float("-inf"))
     return x
 
 
 @triton.jit
-def _shifted_exp(x, a, EXACT: tl.constexpr, PRECISE: tl.constexpr):
-    """(exp(x - a), hi, lo) with x - a = hi + lo exactly when EXACT (TwoSum); lo = 0 otherwise."""
-    hi = x - a
+def _shift(x, a, EXACT: tl.constexpr):
+    """x - a as hi + lo: exactly (TwoSum) for fp32 / capped logits; half logits' difference is exact already."""
     if EXACT:
-        bp = hi - x  # the part of hi that came from -a
-        lo = (x - (hi - bp)) - (bp + a)
-        lo = tl.where(tl.abs(hi) < float("inf"), lo, 0.0)  # -inf lanes: hi - x is NaN
-        e = _exp(hi, PRECISE)
-        e = e + e * lo  # exp(hi + lo) = exp(hi) (1 + lo) to first order, |lo| <= u |hi|
+        hi, lo = two_diff(x, a)
     else:
+        hi = x - a
         lo = tl.zeros_like(hi)
-        e = _exp(hi, PRECISE)
-    return e, hi, lo
+    return hi, lo
 
 
 @triton.jit
-def _prob(hi, lo, L, PRECISE: tl.constexpr):
-    """p = exp(d - L) as one exp (not exp(d) / (1 + r): a subnormal exp(d) would lose its bits first)."""
-    p = _exp(hi - L, PRECISE)
-    return p + p * lo
+def _prob(hi, lo, R, L):
+    """p = exp(d) / (1 + r) as 2**64 exp(d) / (2**64 + R): a true division of normal numbers, rounded once
+    (also where p is subnormal); NaN on rows whose L is NaN."""
+    p = div_rn(exp_scaled(hi, lo), TWO_64 + R)
+    return tl.where(L == L, p, float("nan"))
 
 
 @triton.jit
-def _block_state(x, EXACT: tl.constexpr, PRECISE: tl.constexpr):
-    """(max, rest sum, NaN count) of one block; the rest leaves out one copy of the maximum's exp(0) = 1."""
-    m = tl.max(x, axis=0)
+def _block_state(x, EXACT: tl.constexpr):
+    """(max, scaled rest sum R) of one block; R leaves out one copy of the maximum's exp(0) = 1."""
+    isnan = x != x
+    xs = tl.where(isnan, float("-inf"), x)  # max ignores NaN the same way on the GPU and in the interpreter
+    m = tl.max(xs, axis=0)
     m_ref = tl.where(tl.abs(m) < float("inf"), m, 0.0)  # an infinite max: shift by 0, the row is NaN anyway
-    e, _, _ = _shifted_exp(x, m_ref, EXACT, PRECISE)
-    # ties with the max count 1 each (minus the one kept out); the others add exp(x - m)
-    rest = tl.sum(tl.where(x < m, e, 0.0), axis=0) + (tl.sum((x == m).to(tl.float32), axis=0) - 1.0)
-    nans = tl.sum((x != x).to(tl.float32), axis=0)
-    return m, rest, nans
+    hi, lo = _shift(xs, m_ref, EXACT)
+    top = xs == m
+    # ties with the max count 1 each (minus the one kept out); the others add 2**64 exp(x - m)
+    rest = tl.sum(tl.where(top, 0.0, exp_scaled(hi, lo)), axis=0)
+    rest += (tl.sum(top.to(tl.float32), axis=0) - 1.0) * TWO_64
+    rest = tl.where(m == float("-inf"), 0.0, rest)  # an empty (all -inf) block: the state (-inf, 0)
+    return m, tl.where(tl.sum(isnan.to(tl.int32), axis=0) > 0, float("nan"), rest)
 
 
 @triton.jit
-def _merge(a, r, m, rest, EXACT: tl.constexpr, PRECISE: tl.constexpr):
-    """Online merge of (a, r) with a block's (m, rest): r = r_hi + (r_lo + 1) exp(a_lo - a_hi).
-
-    The empty state is (-inf, -1) (total mass r + 1 = 0); two -inf maxima stay at mass 0, never NaN.
-    """
-    a_new = tl.maximum(a, m)
-    a_ref = tl.where(tl.abs(a_new) < float("inf"), a_new, 0.0)
-    lo_a = tl.minimum(a, m)
-    scale, _, _ = _shifted_exp(lo_a, a_ref, EXACT, PRECISE)  # exp(-inf - a_ref) = 0 for an empty side
-    scale = tl.where(lo_a == float("-inf"), 0.0, scale)
-    r_new = tl.where(a >= m, r + (rest + 1.0) * scale, rest + (r + 1.0) * scale)
-    return a_new, r_new
+def _merge(a, R, m, Rm, EXACT: tl.constexpr):
+    """Online merge of two scaled states: R = R_hi + (R_lo 2**-64 + 1) 2**64 exp(a_lo - a_hi)."""
+    first = a >= m
+    a_hi = tl.where(first, a, m)
+    a_lo = tl.where(first, m, a)
+    R_hi = tl.where(first, R, Rm)
+    R_lo = tl.where(first, Rm, R)
+    a_ref = tl.where(tl.abs(a_hi) < float("inf"), a_hi, 0.0)
+    hi, lo = _shift(a_lo, a_ref, EXACT)
+    s = exp_scaled(hi, lo)
+    s = tl.where(a_lo == a_hi, TWO_64, s)  # equal maxima (also both infinite): the other max is a tie
+    s = tl.where(a_lo == float("-inf"), 0.0, s)  # an empty side adds nothing (two empties stay (-inf, 0))
+    # R_lo 2**-64 may underflow only where it is negligible beside 1
+    return a_hi, R_hi + (R_lo * TWO_M64 + 1.0) * s
 
 
 @triton.jit
-def _finish(a, r, nans, PRECISE: tl.constexpr):
+def _finish(a, R):
     """(a_ref, L, lse): L = log1p(r), NaN for a NaN or infinite max; lse = the infinite max or a + L."""
-    bad = (nans > 0) | (tl.abs(a) == float("inf"))
-    L = tl.where(bad, float("nan"), _log1p(tl.maximum(r, 0.0), PRECISE))
+    r = R * TWO_M64  # rounded once where r is subnormal; log1p(r) = r there
+    bad = (R != R) | (tl.abs(a) == float("inf"))
+    L = tl.where(bad, float("nan"), log1p_acc(tl.maximum(r, 0.0)))
     a_ref = tl.where(tl.abs(a) < float("inf"), a, 0.0)
-    lse = tl.where((nans == 0) & (tl.abs(a) == float("inf")), a, a + L)
+    lse = tl.where((R == R) & (tl.abs(a) == float("inf")), a, a + L)
     return a_ref, L, lse
 
 
 @triton.jit
-def _row_stats(x_row, V, cap, BLOCK_V: tl.constexpr, HAS_CAP: tl.constexpr, EXACT: tl.constexpr,
-               PRECISE: tl.constexpr):
-    """Online (max, rest, NaN count) over a whole row, BLOCK_V entries at a time."""
+def _row_stats(x_row, V, cap, BLOCK_V: tl.constexpr, HAS_CAP: tl.constexpr, EXACT: tl.constexpr):
+    """Online (max, scaled rest) over a whole row, BLOCK_V entries at a time."""
     a = float("-inf")
-    r = -1.0
-    nans = 0.0
+    R = 0.0
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        x = _load_row_block(x_row, cols, cols < V, cap, HAS_CAP, PRECISE)
-        m, rest, nb = _block_state(x, EXACT, PRECISE)
-        a, r = _merge(a, r, m, rest, EXACT, PRECISE)
-        nans += nb
-    return a, r, nans
+        x = _load_row_block(x_row, cols, cols < V, cap, HAS_CAP)
+        m, Rm = _block_state(x, EXACT)
+        a, R = _merge(a, R, m, Rm, EXACT)
+    return a, R
+
+
+@triton.jit
+def _minus(u, hi, lo):
+    """u - (hi + lo) rounded once (TwoSum of u - hi, then the small parts)."""
+    s, e = two_diff(u, hi)
+    return s + (e - lo)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -191,14 +157,13 @@ def _row_stats(x_row, V, cap, BLOCK_V: tl.constexpr, HAS_CAP: tl.constexpr, EXAC
 
 @triton.jit
 def _ce_block(x, cols, mask, t, valid, a_ref, r, L, w_ptr, c1, hard, eps_over_v, cap,
-              HAS_W: tl.constexpr, HAS_EPS: tl.constexpr, HAS_CAP: tl.constexpr, EXACT: tl.constexpr,
-              PRECISE: tl.constexpr):
+              HAS_W: tl.constexpr, HAS_EPS: tl.constexpr, HAS_CAP: tl.constexpr, EXACT: tl.constexpr):
     """One block's (unscaled gradient, sum w d, sum p d) given the row's final (a, r, L)."""
-    e, hi, lo = _shifted_exp(x, a_ref, EXACT, PRECISE)
-    p = _prob(hi, lo, L, PRECISE)
+    hi, lo = _shift(x, a_ref, EXACT)
+    p = _prob(hi, lo, r, L)
     d = hi + lo
     if HAS_W:
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        w = to_f32(tl.load(w_ptr + cols, mask=mask, other=0.0))
     else:
         w = tl.where(mask, 1.0, 0.0)
     swd = tl.sum(tl.where(mask, w * d, 0.0), axis=0)
@@ -207,7 +172,7 @@ def _ce_block(x, cols, mask, t, valid, a_ref, r, L, w_ptr, c1, hard, eps_over_v,
     if HAS_EPS:
         g = g - eps_over_v * w
     # p_t - 1: -r / (1 + r) at a maximum (exact), p - 1 elsewhere (p <= 1/2 there: no cancellation)
-    pm1 = tl.where(hi == 0.0, -_div(r, 1.0 + r, PRECISE), p - 1.0)
+    pm1 = tl.where(hi == 0.0, -div_rn(r, TWO_64 + r), p - 1.0)
     at_t = hard * pm1 + (c1 - hard) * p
     if HAS_EPS:
         at_t = at_t - eps_over_v * w
@@ -233,7 +198,7 @@ def _ce_fwd_kernel(
     BLOCK_V: tl.constexpr, HAS_W: tl.constexpr, HAS_G: tl.constexpr, HAS_DENOM: tl.constexpr,
     HAS_WSUM: tl.constexpr, SINGLE: tl.constexpr, HAS_EPS: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_CAP: tl.constexpr, WRITE_GRAD: tl.constexpr, WRITE_LOSS: tl.constexpr, HAS_ENT: tl.constexpr,
-    EXACT: tl.constexpr, PRECISE: tl.constexpr,
+    EXACT: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x_m
@@ -241,25 +206,25 @@ def _ce_fwd_kernel(
     valid = t != ignore_index
     t = tl.where(valid & (t >= 0) & (t < V), t, 0)  # never read out of bounds (range checked by the caller)
     # the target logit is read before any gradient store: dx may alias x (inplace_backward)
-    x_t = tl.load(x_row + t).to(tl.float32)
+    x_t = to_f32(tl.load(x_row + t))
     if HAS_CAP:
-        x_t = cap * _tanh(x_t / cap, PRECISE)
+        x_t = cap * tanh_acc(x_t / cap)
 
     if SINGLE:
         cols = tl.arange(0, BLOCK_V)
         mask = cols < V
-        x = _load_row_block(x_row, cols, mask, cap, HAS_CAP, PRECISE)
-        a, r, nans = _block_state(x, EXACT, PRECISE)
+        x = _load_row_block(x_row, cols, mask, cap, HAS_CAP)
+        a, r = _block_state(x, EXACT)
     else:
-        a, r, nans = _row_stats(x_row, V, cap, BLOCK_V, HAS_CAP, EXACT, PRECISE)
-    a_ref, L, lse = _finish(a, r, nans, PRECISE)
+        a, r = _row_stats(x_row, V, cap, BLOCK_V, HAS_CAP, EXACT)
+    a_ref, L, lse = _finish(a, r)
 
     if HAS_W:
-        w_t = tl.where(valid, tl.load(w_ptr + t).to(tl.float32), 0.0)
+        w_t = tl.where(valid, to_f32(tl.load(w_ptr + t)), 0.0)
     else:
         w_t = tl.where(valid, 1.0, 0.0)
     if HAS_WSUM:
-        W = tl.load(wsum_ptr).to(tl.float32)
+        W = to_f32(tl.load(wsum_ptr))
     else:
         W = V * 1.0
     eps_over_v = eps / V
@@ -273,39 +238,35 @@ def _ce_fwd_kernel(
     # gradient scale of this row: upstream g (per row or broadcast) / mean denominator; 0 on ignored rows
     s = 1.0
     if HAS_G:
-        s = s * tl.load(g_ptr + row * stride_g_m).to(tl.float32)
+        s = s * to_f32(tl.load(g_ptr + row * stride_g_m))
     if HAS_DENOM:
-        s = s / tl.load(denom_ptr).to(tl.float32)
+        s = s / to_f32(tl.load(denom_ptr))
     s = tl.where(valid, s, 0.0)
 
     swd = 0.0
     spd = 0.0
     if SINGLE:
         g, swd, spd = _ce_block(x, cols, mask, t, valid, a_ref, r, L, w_ptr, c1, hard, eps_over_v, cap,
-                                HAS_W, HAS_EPS, HAS_CAP, EXACT, PRECISE)
+                                HAS_W, HAS_EPS, HAS_CAP, EXACT)
         if WRITE_GRAD:
-            tl.store(dx_ptr + row * stride_dx_m + cols, (g * s).to(dx_ptr.dtype.element_ty), mask=mask)
+            tl.store(dx_ptr + row * stride_dx_m + cols, round_to(g * s, dx_ptr.dtype.element_ty), mask=mask)
     elif WRITE_GRAD or HAS_EPS or HAS_ENT:
         # second read of the row (from L2 when the row was read recently), gradient written once
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             mask = cols < V
-            x = _load_row_block(x_row, cols, mask, cap, HAS_CAP, PRECISE)
+            x = _load_row_block(x_row, cols, mask, cap, HAS_CAP)
             g, swd_b, spd_b = _ce_block(x, cols, mask, t, valid, a_ref, r, L, w_ptr, c1, hard, eps_over_v,
-                                        cap, HAS_W, HAS_EPS, HAS_CAP, EXACT, PRECISE)
+                                        cap, HAS_W, HAS_EPS, HAS_CAP, EXACT)
             swd += swd_b
             spd += spd_b
             if WRITE_GRAD:
-                tl.store(dx_ptr + row * stride_dx_m + cols, (g * s).to(dx_ptr.dtype.element_ty), mask=mask)
+                tl.store(dx_ptr + row * stride_dx_m + cols, round_to(g * s, dx_ptr.dtype.element_ty), mask=mask)
 
     if WRITE_LOSS:
-        # d_t = x_t - a as hi + lo: L - d_t is a sum of two non-negative terms
-        hi_t = x_t - a_ref
-        lo_t = 0.0
-        if EXACT:
-            bp = hi_t - x_t
-            lo_t = tl.where(tl.abs(hi_t) < float("inf"), (x_t - (hi_t - bp)) - (bp + a_ref), 0.0)
-        nll = (L - hi_t) - lo_t
+        # d_t = x_t - a as hi + lo: L - d_t is a sum of two non-negative terms, rounded once
+        hi_t, lo_t = _shift(x_t, a_ref, EXACT)
+        nll = _minus(L, hi_t, lo_t)
         loss = hard * nll
         if HAS_EPS:
             # sum_j w_j (L - d_j) = L W - sum_j w_j d_j: both terms >= 0 for non-negative weights
@@ -326,19 +287,18 @@ def _ce_fwd_kernel(
 
 @triton.jit
 def _ce_prob_wy(y_row, w_ptr, cols, mask, eps, V, HAS_W: tl.constexpr, HAS_EPS: tl.constexpr):
-    y = tl.load(y_row + cols, mask=mask, other=0.0).to(tl.float32)
+    y = to_f32(tl.load(y_row + cols, mask=mask, other=0.0))
     if HAS_EPS:
         y = tl.where(mask, y * (1.0 - eps) + eps / V, 0.0)
     if HAS_W:
-        y = y * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        y = y * to_f32(tl.load(w_ptr + cols, mask=mask, other=0.0))
     return y
 
 
 @triton.jit
-def _ce_prob_block(x, wy, a_ref, r, L, c1, cap, HAS_CAP: tl.constexpr, EXACT: tl.constexpr,
-                   PRECISE: tl.constexpr):
-    e, hi, lo = _shifted_exp(x, a_ref, EXACT, PRECISE)
-    p = _prob(hi, lo, L, PRECISE)
+def _ce_prob_block(x, wy, a_ref, r, L, c1, cap, HAS_CAP: tl.constexpr, EXACT: tl.constexpr):
+    hi, lo = _shift(x, a_ref, EXACT)
+    p = _prob(hi, lo, r, L)
     d = hi + lo
     swyd = tl.sum(tl.where(wy != 0.0, wy * d, 0.0), axis=0)  # 0 * -inf (masked lanes) counts 0
     spd = tl.sum(tl.where(p > 0.0, p * d, 0.0), axis=0)
@@ -362,7 +322,7 @@ def _ce_prob_fwd_kernel(
     BLOCK_V: tl.constexpr, HAS_W: tl.constexpr, HAS_G: tl.constexpr, HAS_DENOM: tl.constexpr,
     SINGLE: tl.constexpr, HAS_EPS: tl.constexpr, HAS_Z: tl.constexpr, HAS_CAP: tl.constexpr,
     WRITE_GRAD: tl.constexpr, WRITE_LOSS: tl.constexpr, HAS_ENT: tl.constexpr,
-    EXACT: tl.constexpr, PRECISE: tl.constexpr,
+    EXACT: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x_m
@@ -370,50 +330,48 @@ def _ce_prob_fwd_kernel(
     if SINGLE:
         cols = tl.arange(0, BLOCK_V)
         mask = cols < V
-        x = _load_row_block(x_row, cols, mask, cap, HAS_CAP, PRECISE)
-        a, r, nans = _block_state(x, EXACT, PRECISE)
+        x = _load_row_block(x_row, cols, mask, cap, HAS_CAP)
+        a, r = _block_state(x, EXACT)
         wy = _ce_prob_wy(y_row, w_ptr, cols, mask, eps, V, HAS_W, HAS_EPS)
         swy = tl.sum(wy, axis=0)
     else:
         a = float("-inf")
-        r = -1.0
-        nans = 0.0
+        r = 0.0
         swy = 0.0
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             mask = cols < V
-            xb = _load_row_block(x_row, cols, mask, cap, HAS_CAP, PRECISE)
-            m, rest, nb = _block_state(xb, EXACT, PRECISE)
-            a, r = _merge(a, r, m, rest, EXACT, PRECISE)
-            nans += nb
+            xb = _load_row_block(x_row, cols, mask, cap, HAS_CAP)
+            m, rest = _block_state(xb, EXACT)
+            a, r = _merge(a, r, m, rest, EXACT)
             swy += tl.sum(_ce_prob_wy(y_row, w_ptr, cols, mask, eps, V, HAS_W, HAS_EPS), axis=0)
-    a_ref, L, lse = _finish(a, r, nans, PRECISE)
+    a_ref, L, lse = _finish(a, r)
     c1 = swy
     if HAS_Z:
         c1 = c1 + 2.0 * z * lse
     s = 1.0
     if HAS_G:
-        s = s * tl.load(g_ptr + row * stride_g_m).to(tl.float32)
+        s = s * to_f32(tl.load(g_ptr + row * stride_g_m))
     if HAS_DENOM:
-        s = s / tl.load(denom_ptr).to(tl.float32)
+        s = s / to_f32(tl.load(denom_ptr))
 
     if SINGLE:
-        g, swyd, spd = _ce_prob_block(x, wy, a_ref, r, L, c1, cap, HAS_CAP, EXACT, PRECISE)
+        g, swyd, spd = _ce_prob_block(x, wy, a_ref, r, L, c1, cap, HAS_CAP, EXACT)
         if WRITE_GRAD:
-            tl.store(dx_ptr + row * stride_dx_m + cols, (g * s).to(dx_ptr.dtype.element_ty), mask=mask)
+            tl.store(dx_ptr + row * stride_dx_m + cols, round_to(g * s, dx_ptr.dtype.element_ty), mask=mask)
     else:
         swyd = 0.0
         spd = 0.0
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             mask = cols < V
-            xb = _load_row_block(x_row, cols, mask, cap, HAS_CAP, PRECISE)
+            xb = _load_row_block(x_row, cols, mask, cap, HAS_CAP)
             wyb = _ce_prob_wy(y_row, w_ptr, cols, mask, eps, V, HAS_W, HAS_EPS)
-            g, swyd_b, spd_b = _ce_prob_block(xb, wyb, a_ref, r, L, c1, cap, HAS_CAP, EXACT, PRECISE)
+            g, swyd_b, spd_b = _ce_prob_block(xb, wyb, a_ref, r, L, c1, cap, HAS_CAP, EXACT)
             swyd += swyd_b
             spd += spd_b
             if WRITE_GRAD:
-                tl.store(dx_ptr + row * stride_dx_m + cols, (g * s).to(dx_ptr.dtype.element_ty), mask=mask)
+                tl.store(dx_ptr + row * stride_dx_m + cols, round_to(g * s, dx_ptr.dtype.element_ty), mask=mask)
     if WRITE_LOSS:
         # sum_j wy_j (L - d_j) = L sum(wy) - sum(wy d): both terms >= 0 for wy >= 0
         loss = L * swy - swyd
@@ -435,61 +393,56 @@ def _ce_prob_fwd_kernel(
 def _selective_fwd_kernel(
     x_ptr, stride_x_m, idx_ptr, stride_idx_m, out_ptr, stride_out_m, a_ptr, r_ptr,
     V, K,
-    BLOCK_V: tl.constexpr, SINGLE: tl.constexpr, EXACT: tl.constexpr, PRECISE: tl.constexpr,
+    BLOCK_V: tl.constexpr, SINGLE: tl.constexpr, EXACT: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x_m
     if SINGLE:
         cols = tl.arange(0, BLOCK_V)
-        x = _load_row_block(x_row, cols, cols < V, 1.0, False, PRECISE)
-        a, r, nans = _block_state(x, EXACT, PRECISE)
+        x = _load_row_block(x_row, cols, cols < V, 1.0, False)
+        a, r = _block_state(x, EXACT)
     else:
-        a, r, nans = _row_stats(x_row, V, 1.0, BLOCK_V, False, EXACT, PRECISE)
-    a_ref, L, lse = _finish(a, r, nans, PRECISE)
+        a, r = _row_stats(x_row, V, 1.0, BLOCK_V, False, EXACT)
+    a_ref, L, lse = _finish(a, r)
     tl.store(a_ptr + row, a)
     tl.store(r_ptr + row, tl.where(L == L, r, float("nan")))  # NaN r marks a NaN row for the backward
     for k in range(0, K):
         i = tl.load(idx_ptr + row * stride_idx_m + k).to(tl.int64)
-        x_i = tl.load(x_row + i).to(tl.float32)
-        hi = x_i - a_ref
-        lo = 0.0
-        if EXACT:
-            bp = hi - x_i
-            lo = tl.where(tl.abs(hi) < float("inf"), (x_i - (hi - bp)) - (bp + a_ref), 0.0)
-        # d - L: two non-positive terms, no cancellation
-        tl.store(out_ptr + row * stride_out_m + k, (hi - L) + lo)
+        x_i = to_f32(tl.load(x_row + i))
+        hi, lo = _shift(x_i, a_ref, EXACT)
+        # d - L = -(L - d): two non-positive terms, no cancellation, rounded once
+        tl.store(out_ptr + row * stride_out_m + k, -_minus(L, hi, lo))
 
 
 @triton.jit
 def _selective_bwd_kernel(
     x_ptr, stride_x_m, idx_ptr, stride_idx_m, g_ptr, stride_g_m, a_ptr, r_ptr, dx_ptr, stride_dx_m,
     V, K,
-    BLOCK_V: tl.constexpr, EXACT: tl.constexpr, PRECISE: tl.constexpr,
+    BLOCK_V: tl.constexpr, EXACT: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x_m
     a = tl.load(a_ptr + row)
     r = tl.load(r_ptr + row)
-    a_ref = tl.where(tl.abs(a) < float("inf"), a, 0.0)
-    L = _log1p(tl.maximum(r, 0.0), PRECISE)
+    a_ref, L, _ = _finish(a, r)  # r: the saved scaled rest sum, NaN on NaN / infinite rows
     G = 0.0
     for k in range(0, K):
-        G += tl.load(g_ptr + row * stride_g_m + k).to(tl.float32)
+        G += to_f32(tl.load(g_ptr + row * stride_g_m + k))
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < V
-        x = _load_row_block(x_row, cols, mask, 1.0, False, PRECISE)
-        e, hi, lo = _shifted_exp(x, a_ref, EXACT, PRECISE)
-        p = _prob(hi, lo, L, PRECISE)
+        x = _load_row_block(x_row, cols, mask, 1.0, False)
+        hi, lo = _shift(x, a_ref, EXACT)
+        p = _prob(hi, lo, r, L)
         gm = tl.zeros_like(p)
         for k in range(0, K):
             i = tl.load(idx_ptr + row * stride_idx_m + k)
-            gm += tl.where(cols == i, tl.load(g_ptr + row * stride_g_m + k).to(tl.float32), 0.0)
+            gm += tl.where(cols == i, to_f32(tl.load(g_ptr + row * stride_g_m + k)), 0.0)
         # 1 - p: r / (1 + r) at a maximum (exact), 1 - p elsewhere (p <= 1/2 there)
-        one_m_p = tl.where(hi == 0.0, _div(r, 1.0 + r, PRECISE), 1.0 - p)
+        one_m_p = tl.where(hi == 0.0, div_rn(r, TWO_64 + r), 1.0 - p)
         dx = gm * one_m_p - p * (G - gm)
         dx = tl.where(r == r, dx, float("nan"))
-        tl.store(dx_ptr + row * stride_dx_m + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + row * stride_dx_m + cols, round_to(dx, dx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.heuristics({"SINGLE": lambda a: a["V"] <= a["BLOCK_V"]})
@@ -497,27 +450,27 @@ def _selective_bwd_kernel(
 def _entropy_fwd_kernel(
     x_ptr, stride_x_m, h_ptr, a_ptr, r_ptr,
     V,
-    BLOCK_V: tl.constexpr, SINGLE: tl.constexpr, EXACT: tl.constexpr, PRECISE: tl.constexpr,
+    BLOCK_V: tl.constexpr, SINGLE: tl.constexpr, EXACT: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x_m
     if SINGLE:
         cols = tl.arange(0, BLOCK_V)
-        x = _load_row_block(x_row, cols, cols < V, 1.0, False, PRECISE)
-        a, r, nans = _block_state(x, EXACT, PRECISE)
-        a_ref, L, lse = _finish(a, r, nans, PRECISE)
-        e, hi, lo = _shifted_exp(x, a_ref, EXACT, PRECISE)
-        p = _prob(hi, lo, L, PRECISE)
+        x = _load_row_block(x_row, cols, cols < V, 1.0, False)
+        a, r = _block_state(x, EXACT)
+        a_ref, L, lse = _finish(a, r)
+        hi, lo = _shift(x, a_ref, EXACT)
+        p = _prob(hi, lo, r, L)
         spd = tl.sum(tl.where(p > 0.0, p * (hi + lo), 0.0), axis=0)
     else:
-        a, r, nans = _row_stats(x_row, V, 1.0, BLOCK_V, False, EXACT, PRECISE)
-        a_ref, L, lse = _finish(a, r, nans, PRECISE)
+        a, r = _row_stats(x_row, V, 1.0, BLOCK_V, False, EXACT)
+        a_ref, L, lse = _finish(a, r)
         spd = 0.0
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
-            x = _load_row_block(x_row, cols, cols < V, 1.0, False, PRECISE)
-            e, hi, lo = _shifted_exp(x, a_ref, EXACT, PRECISE)
-            p = _prob(hi, lo, L, PRECISE)
+            x = _load_row_block(x_row, cols, cols < V, 1.0, False)
+            hi, lo = _shift(x, a_ref, EXACT)
+            p = _prob(hi, lo, r, L)
             spd += tl.sum(tl.where(p > 0.0, p * (hi + lo), 0.0), axis=0)
     tl.store(h_ptr + row, L - spd)  # H = L + sum p |d|: two non-negative terms
     tl.store(a_ptr + row, a)
@@ -528,26 +481,25 @@ def _entropy_fwd_kernel(
 def _entropy_bwd_kernel(
     x_ptr, stride_x_m, g_ptr, h_ptr, a_ptr, r_ptr, dx_ptr, stride_dx_m,
     V,
-    BLOCK_V: tl.constexpr, EXACT: tl.constexpr, PRECISE: tl.constexpr,
+    BLOCK_V: tl.constexpr, EXACT: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x_m
     a = tl.load(a_ptr + row)
     r = tl.load(r_ptr + row)
     H = tl.load(h_ptr + row)
-    g = tl.load(g_ptr + row).to(tl.float32)
-    a_ref = tl.where(tl.abs(a) < float("inf"), a, 0.0)
-    L = _log1p(tl.maximum(r, 0.0), PRECISE)
+    g = to_f32(tl.load(g_ptr + row))
+    a_ref, L, _ = _finish(a, r)  # r: the saved scaled rest sum, NaN on NaN / infinite rows
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < V
-        x = _load_row_block(x_row, cols, mask, 1.0, False, PRECISE)
-        e, hi, lo = _shifted_exp(x, a_ref, EXACT, PRECISE)
-        p = _prob(hi, lo, L, PRECISE)
-        logp = (hi - L) + lo
+        x = _load_row_block(x_row, cols, mask, 1.0, False)
+        hi, lo = _shift(x, a_ref, EXACT)
+        p = _prob(hi, lo, r, L)
+        logp = -_minus(L, hi, lo)
         dx = tl.where(p > 0.0, -g * p * (logp + H), 0.0)  # dH/dx = -p (log p + H); -inf logits: 0
         dx = tl.where(r == r, dx, float("nan"))
-        tl.store(dx_ptr + row * stride_dx_m + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + row * stride_dx_m + cols, round_to(dx, dx_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -557,14 +509,14 @@ def _entropy_bwd_kernel(
 
 @triton.jit
 def _grad_scale_kernel(dx_ptr, stride_dx_m, g_ptr, V, BLOCK: tl.constexpr):
-    g = tl.load(g_ptr).to(tl.float32)
+    g = to_f32(tl.load(g_ptr))
     if g != 1.0:  # loss.backward() passes 1: every program returns after one scalar load, no host sync
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < V
         ptr = dx_ptr + row * stride_dx_m + cols
-        v = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-        tl.store(ptr, (v * g).to(dx_ptr.dtype.element_ty), mask=mask)
+        v = to_f32(tl.load(ptr, mask=mask, other=0.0))
+        tl.store(ptr, round_to(v * g, dx_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -588,7 +540,7 @@ def _rows(x: Tensor) -> Tensor:
 
 def _flags(x: Tensor, softcap: float | None) -> dict:
     # TwoSum-carried shift for fp32 logits (and capped ones, which are fp32 values)
-    return dict(EXACT=x.dtype == torch.float32 or softcap is not None, PRECISE=x.device.type == "cuda")
+    return dict(EXACT=x.dtype == torch.float32 or softcap is not None)
 
 
 def ce_fwd_out(
@@ -730,7 +682,7 @@ def selective_fwd(x: Tensor, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     block, warps = _block_config(V, x.device.type)
     _selective_fwd_kernel[(M,)](
         x, x.stride(0), index, index.stride(0), out, out.stride(0), a, r, V, K,
-        BLOCK_V=block, num_warps=warps, EXACT=x.dtype == torch.float32, PRECISE=x.device.type == "cuda",
+        BLOCK_V=block, num_warps=warps, EXACT=x.dtype == torch.float32,
     )
     return out, a, r
 
@@ -746,7 +698,7 @@ def selective_bwd(x: Tensor, index: Tensor, g: Tensor, a: Tensor, r: Tensor) -> 
     block, warps = _block_config(V, x.device.type)
     _selective_bwd_kernel[(M,)](
         x, x.stride(0), index, index.stride(0), g, g.stride(0), a, r, dx, dx.stride(0), V, K,
-        BLOCK_V=block, num_warps=warps, EXACT=x.dtype == torch.float32, PRECISE=x.device.type == "cuda",
+        BLOCK_V=block, num_warps=warps, EXACT=x.dtype == torch.float32,
     )
     return dx
 
@@ -762,7 +714,7 @@ def entropy_fwd(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     block, warps = _block_config(V, x.device.type)
     _entropy_fwd_kernel[(M,)](
         x, x.stride(0), h, a, r, V,
-        BLOCK_V=block, num_warps=warps, EXACT=x.dtype == torch.float32, PRECISE=x.device.type == "cuda",
+        BLOCK_V=block, num_warps=warps, EXACT=x.dtype == torch.float32,
     )
     return h, a, r
 
@@ -775,6 +727,6 @@ def entropy_bwd(x: Tensor, g: Tensor, h: Tensor, a: Tensor, r: Tensor) -> Tensor
     block, warps = _block_config(V, x.device.type)
     _entropy_bwd_kernel[(M,)](
         x, x.stride(0), g.contiguous(), h, a, r, dx, dx.stride(0), V,
-        BLOCK_V=block, num_warps=warps, EXACT=x.dtype == torch.float32, PRECISE=x.device.type == "cuda",
+        BLOCK_V=block, num_warps=warps, EXACT=x.dtype == torch.float32,
     )
     return dx

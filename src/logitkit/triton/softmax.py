@@ -384,8 +384,9 @@ def softmax_fwd_out(x: Tensor, dim: int, *, mask: Tensor | None = None, log: boo
     if out.numel() == 0 or x.shape[dim] == 0:
         return out
     if x.dtype == torch.float64:
-        return plain.normalize_fwd(x.movedim(dim, -1), None if mask is None else mask.movedim(dim, -1), log,
-                                   out.movedim(dim, -1))
+        plain.normalize_fwd(x.movedim(dim, -1), None if mask is None else mask.movedim(dim, -1), log,
+                            out.movedim(dim, -1))
+        return out
     return _normalise_launch(x, dim, mask, log, out, None)
 
 
@@ -428,8 +429,10 @@ def softmax_bwd_out(y: Tensor, g: Tensor, dim: int, *, mask: Tensor | None = Non
     if y.dtype == torch.float64:
         yv, gv, dv = y.movedim(dim, -1), g.movedim(dim, -1), out.movedim(dim, -1)
         if log:
-            return plain.log_softmax_bwd(yv, gv, None if mask is None else mask.movedim(dim, -1), dv) and out
-        return plain.softmax_bwd(yv, gv, dv) and out
+            plain.log_softmax_bwd(yv, gv, None if mask is None else mask.movedim(dim, -1), dv)
+        else:
+            plain.softmax_bwd(yv, gv, dv)
+        return out
     R, N, K = _geometry(y, dim)
     yv, sy_p, sy_n, sy_k = _pnk(y, dim)
     gv, sg_p, sg_n, sg_k = _pnk(g, dim)

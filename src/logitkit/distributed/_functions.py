@@ -171,7 +171,6 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xv, target, w_loc, ignore_index, reduction, eps, z_loss, softcap, shard, group):
         wd = working_dtype(xv.dtype)
-        lead = tuple(xv.shape[:-1])
         start, size = shard.start, shard.size
         cap = _cap_fn(softcap)
         valid = target != ignore_index

@@ -47,56 +47,60 @@ def _copy_tbps(do_bench) -> float:
     return 2 * src.numel() * 2 / ms / 1e9
 
 
-def main() -> None:
+def _measure(fn, x, t, do_bench) -> tuple[float, float, float, int]:
+    def step():
+        x.grad = None
+        fn(x, t).backward()
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    # beyond the logits (already counted in base) and their gradient, which stays allocated
+    peak = torch.cuda.max_memory_allocated() - base - x.numel() * x.element_size()
+    q = sorted(do_bench(step, return_mode="all"))
+    return q[len(q) // 2], q[len(q) // 5], q[4 * len(q) // 5], peak
+
+
+def run(quick: bool = False) -> dict:
     from triton.testing import do_bench
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="benchmarks/results")
-    args = ap.parse_args()
+    from benchmarks import harness
+
     copy = _copy_tbps(do_bench)
     rows = []
+    shapes = [(1024, 32768)] if quick else SHAPES
     for name, fn in _providers().items():
-        if fn is None:
-            continue
         for dname, dt in DTYPES.items():
-            for M, V in SHAPES:
+            for M, V in shapes:
                 x = torch.randn(M, V, device="cuda", dtype=dt).requires_grad_()
                 t = torch.randint(0, V, (M,), device="cuda")
-
-                def step():
-                    x.grad = None
-                    fn(x, t).backward()
-
                 try:
-                    step()
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                    base = torch.cuda.memory_allocated()
-                    step()
-                    peak = torch.cuda.max_memory_allocated() - base - x.numel() * x.element_size()
-                    q = do_bench(step, return_mode="all")
-                    q = sorted(q)
-                    med, p20, p80 = q[len(q) // 2], q[len(q) // 5], q[4 * len(q) // 5]
+                    med, p20, p80, peak = _measure(fn, x, t, do_bench)
                 except Exception as e:  # a provider that fails (e.g. out of memory) leaves its cell empty
-                    print(f"{name} {dname} {M}x{V}: {type(e).__name__}: {e}")
+                    rows.append(dict(provider=name, dtype=dname, M=M, V=V, error=f"{type(e).__name__}: {e}"[:300]))
                     continue
                 tbps = 2 * M * V * x.element_size() / med / 1e9
-                rows.append(dict(provider=name, dtype=dname, M=M, V=V, ms=med, p20=p20, p80=p80, tbps=tbps,
-                                 frac_copy=tbps / copy, extra_peak_bytes=peak))
+                rows.append(dict(provider=name, dtype=dname, M=M, V=V, median_ms=med, p20_ms=p20, p80_ms=p80,
+                                 tb_s=tbps, frac_copy=tbps / copy, extra_peak_bytes=peak))
                 print(f"{name:16s} {dname} {M:5d}x{V:6d} {med:8.3f} ms {tbps:5.2f} TB/s {tbps / copy:5.2f}x copy "
                       f"extra {peak / 2**20:8.1f} MiB")
-                del x
-    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, date=datetime.date.today().isoformat(),
-                copy_tbps=copy)
-    try:
-        import triton
+                del x, t
+    return {"meta": harness.metadata("cuda"), "benchmark": "cross_entropy_gpu", "copy_tb_s": copy, "rows": rows}
 
-        meta["triton"] = triton.__version__
-    except ImportError:
-        pass
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    payload = run(args.quick)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gpu_cross_entropy.json"), "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    path = os.path.join(args.out, f"gpu_cross_entropy-{datetime.date.today().isoformat()}.json")
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 _OPS = ("softmax", "log_softmax", "logsumexp", "cross_entropy")
-_SUITES = ("shapes", "linear-ce", "gpu-softmax")
+_SUITES = ("shapes", "linear-ce", "gpu-softmax", "gpu-cross-entropy")
 
 
 def _import_benchmarks(name: str):
@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=_SUITES,
         default="shapes",
         help="shapes: the named (M, V) shapes (default); linear-ce: linear cross-entropy (time, TFLOP/s, memory); "
-        "gpu-softmax: the softmax-kernel grid (N = 256..1M, last and non-last dim, TB/s vs copy; CUDA)",
+        "gpu-softmax: the softmax-kernel grid (N = 256..1M, last and non-last dim, TB/s vs copy; CUDA); "
+        "gpu-cross-entropy: fused cross-entropy fwd+bwd at (8192, 32768), (8192, 128256), (4096, 262144) (CUDA)",
     )
     bench.add_argument("--shape", nargs="+", metavar="NAME", help="only these named shapes (benchmarks/shapes.py)")
     bench.add_argument(
@@ -111,9 +112,10 @@ def _suite(args, console, device: str) -> int:
         payload = _import_benchmarks("linear_ce").run(device=device, quick=args.quick, console=console)
     else:
         if device != "cuda":
-            console.print("[red]--suite gpu-softmax needs --device cuda[/]")
+            console.print(f"[red]--suite {args.suite} needs --device cuda[/]")
             return 2
-        payload = _import_benchmarks("gpu_softmax").run(quick=args.quick)
+        module = "gpu_softmax" if args.suite == "gpu-softmax" else "gpu_cross_entropy"
+        payload = _import_benchmarks(module).run(quick=args.quick)
     for row in payload["rows"]:
         console.print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
                       highlight=False)

@@ -25,9 +25,9 @@ pytestmark = [
 ]
 
 triton = pytest.importorskip("triton")
+import logitkit._library  # noqa: E402,F401  (registers the logitkit:: ops)
 from logitkit.triton import _tuning  # noqa: E402
 from logitkit.triton import cross_entropy as kernels  # noqa: E402
-import logitkit._library  # noqa: E402,F401  (registers the logitkit:: ops)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32

@@ -212,7 +212,7 @@ class CrossEntropyProbFunction(torch.autograd.Function):
             ctx.mark_non_differentiable(lse, ent)
             denom = torch.tensor(float(rows), dtype=loss_rows.dtype, device=xv.device)
             return _reduce(loss_rows, denom, reduction).to(out_dtype), lse.to(out_dtype), ent.to(out_dtype)
-        lead, V = xv.shape[:-1], xv.shape[-1]
+        lead = xv.shape[:-1]
         k = _triton()
         x2, y2 = _as_rows(xv), _as_rows(target)
         M = x2.shape[0]
@@ -259,8 +259,8 @@ def _ce_prob_kernel_backward(ctx, g: Tensor) -> Tensor:
         dx, _ = _ce_prob_ref_backward(ctx, xv, target, weight, g)
         return dx
     gs = g.reshape(-1).float().contiguous() if reduction == "none" else g.reshape(1).float()
-    dx = k.ce_prob_bwd(_as_rows(xv), _as_rows(target), gs, weight=weight, label_smoothing=eps, z_loss=z_loss, softcap=softcap,
-                       denom=denom)
+    dx = k.ce_prob_bwd(_as_rows(xv), _as_rows(target), gs, weight=weight, label_smoothing=eps, z_loss=z_loss,
+                       softcap=softcap, denom=denom)
     return dx.view(ctx.shape)
 
 

@@ -353,7 +353,11 @@ def softmax_bwd(y: Tensor, g: Tensor, dx: Tensor) -> Tensor:
     for sl in iter_row_blocks(tuple(y.shape[:-1]), y.shape[-1]):
         y2, g2 = as_rows(y[sl]).to(wd), as_rows(g[sl]).to(wd)
         s = (g2 * y2).sum(dim=1, keepdim=True)
-        _store(dx[sl], y2 * (g2 - s))
+        dst = dx[sl]
+        direct = _direct_out(dst) if dst.dtype == wd else None
+        res = torch.mul(y2, g2 - s, out=direct)
+        if direct is None:
+            _store(dst, res)
     return dx
 
 
@@ -368,11 +372,14 @@ def log_softmax_bwd(y: Tensor, g: Tensor, mv: Tensor | None, dx: Tensor) -> Tens
         m2 = None if mv is None else as_rows(mv[sl])
         # masked-out outputs are constants (-inf): their upstream gradient does not enter the sum
         gsum = (g2 if m2 is None else g2.masked_fill(~m2, 0.0)).sum(dim=1, keepdim=True)
-        res = g2 - torch.exp(y2) * gsum
+        dst = dx[sl]
+        direct = _direct_out(dst) if dst.dtype == wd else None
+        res = torch.sub(g2, torch.exp(y2).mul_(gsum), out=direct)
         if m2 is not None:
             res.masked_fill_(~m2, 0.0)
             res.masked_fill_(torch.isneginf(y2).all(dim=1, keepdim=True), 0.0)
-        _store(dx[sl], res)
+        if direct is None:
+            _store(dst, res)
     return dx
 
 

@@ -238,3 +238,176 @@ else:
     @triton.jit
     def tanh_acc(x):
         return libdevice.tanh(x)
+
+
+# Appended for the softmax kernels (generic: any kernel may use them) --------------------------------------
+# The row state carried scaled, (a, R) with R = 2**64 r exact: terms from exp_scaled keep their bits where
+# exp(x - a) is subnormal in fp32 (the NUMERICS.md underflow family), which the unscaled state rounds to
+# multiples of 2**-149 before the sum.  R <= 2**64 (V - 1) cannot overflow; the empty state is (-inf, 0).
+#   exp_scaled_fast(hi)                   2**64 exp(hi) with exp_fast (half inputs: hi = x - a is exact)
+#   exp_scaled_diff(x, a, EXACT)          2**64 exp(x - a); EXACT: TwoSum-carried, exp_scaled
+#   exp_scaled_parts(hi, lo)              (e, de): exp_scaled(hi, lo) = e + de before its last rounding
+#   sum_rows_acc(t, dt)                   per-row sum of t + dt (t >= 0), sum(t) exact up to its small tails
+#   tile_state_scaled(x, EXACT)           tile_state with R = 2**64 r
+#   merge_state_scaled(a1, R1, a2, R2, EXACT)   merge_state with R = 2**64 r
+#   combine_states_scaled(a, R, EXACT)    combine_states with R = 2**64 r, the sum rounded once
+#   two_sum(a, b) / two_prod(a, b)        (s, e) / (p, e): the exact result as a rounded value plus its error
+#   merge_state_comp(a1, R1, C1, a2, R2, C2, EXACT)   merge_state_scaled on compensated states (a, R + C)
+#   finish_lse_scaled(a, R)               finish_lse with R = 2**64 r (r = R 2**-64 rounded once)
+
+
+@triton.jit
+def exp_scaled_fast(hi):
+    """2**64 exp(hi) for hi <= 0 with exp_fast: hi < -80 is shifted by C_HI exactly (see exp_scaled)."""
+    deep = hi < -80.0
+    e = exp_fast(tl.where(deep, hi + 44.361419677734375, hi))
+    return tl.where(deep, e + e * -1.2189787668148710e-07, e * TWO_64)
+
+
+@triton.jit
+def exp_scaled_diff(x, a, EXACT: tl.constexpr):
+    if EXACT:
+        hi, lo = two_diff(x, a)
+        return exp_scaled(hi, lo)
+    else:
+        return exp_scaled_fast(x - a)
+
+
+@triton.jit
+def exp_scaled_parts(hi, lo):
+    """(e, de) with e + de = exp_scaled(hi, lo) unrounded: e the scaled exp(hi), de its first-order TwoSum
+    correction, kept apart so that a sum adds the corrections without rounding each term twice."""
+    deep = hi < -80.0
+    e = exp_acc(tl.where(deep, hi + 44.361419677734375, hi))
+    e = tl.where(deep, e, e * TWO_64)
+    return e, e * tl.where(deep, lo + -1.2189787668148710e-07, lo)
+
+
+@triton.jit
+def sum_rows_acc(t, dt):
+    """sum over axis 1 of t + dt, for finite t >= 0 below 2**100 and |dt| << t (a (BLOCK_M, BLOCK_N) tile).
+
+    Rump's ExtractVector: with sigma = 2**(e + 1) BLOCK_N >= BLOCK_N max(t) a power of two, t_hi = (sigma + t)
+    - sigma are multiples of ulp(sigma) whose partial sums stay below 2 sigma, so sum(t_hi) is exact in any
+    order; only the tails t - t_hi (exact, each <= ulp(sigma) / 2) and dt are summed with rounding errors, and
+    those are small beside the total: about one rounding overall instead of one per term.
+    """
+    m = tl.max(t, axis=1)
+    e = m.to(tl.int32, bitcast=True) >> 23  # biased exponent of m (m >= 0): 2**(e - 126) > m
+    p2 = (tl.minimum(e + 1, 254) << 23).to(tl.float32, bitcast=True)
+    sigma = (p2 * t.shape[1])[:, None]
+    t_hi = (sigma + t) - sigma  # no reassociation in Triton (as two_diff)
+    t_lo = (t - t_hi) + dt
+    return tl.sum(t_hi, axis=1) + tl.sum(t_lo, axis=1)
+
+
+@triton.jit
+def tile_state_scaled(x, EXACT: tl.constexpr):
+    """(a, R = 2**64 r) per row of a fp32 tile; padding and masked-out entries must be -inf, NaN is kept."""
+    isnan = x != x
+    xs = tl.where(isnan, float("-inf"), x)  # max ignores NaN the same way on the GPU and in the interpreter
+    a = tl.max(xs, axis=1)
+    a_safe = tl.where(a == float("-inf"), 0.0, a)
+    top = xs == a[:, None]
+    # The max's own exp(0) = 1 is never added (rest sum); other ties add exactly 2**64 each via the count.
+    cnt = tl.sum(top.to(tl.float32), axis=1)
+    if EXACT:
+        # float32: one rounding for the whole sum (V roundings cost 3 ulps of r at V = 33 already)
+        hi, lo = two_diff(xs, a_safe[:, None])
+        e, de = exp_scaled_parts(hi, lo)
+        R = sum_rows_acc(tl.where(top, 0.0, e), tl.where(top, 0.0, de))
+    else:
+        R = tl.sum(tl.where(top, 0.0, exp_scaled_fast(xs - a_safe[:, None])), axis=1)
+    R = R + (cnt - 1.0) * TWO_64
+    R = tl.where(a == float("-inf"), 0.0, R)  # an empty (all -inf / masked) row: the state (-inf, 0)
+    has_nan = tl.max(isnan.to(tl.int32), axis=1) > 0
+    return a, tl.where(has_nan, float("nan"), R)
+
+
+@triton.jit
+def _scale_scaled(a_lo, a_hi, EXACT: tl.constexpr):
+    # 2**64 exp(a_lo - a_hi) with a_lo <= a_hi; equal maxima (also both +inf) scale by exactly 2**64.
+    same = a_lo == a_hi
+    a_hi_safe = tl.where(same | (a_hi == float("-inf")) | (a_hi == float("inf")), a_lo, a_hi)
+    s = exp_scaled_diff(a_lo, a_hi_safe, EXACT)
+    s = tl.where(same, TWO_64, s)
+    s = tl.where((a_hi == float("inf")) & (a_lo < a_hi), 0.0, s)
+    return s
+
+
+@triton.jit
+def merge_state_scaled(a1, R1, a2, R2, EXACT: tl.constexpr):
+    """merge_state on scaled states: R = R_hi + (R_lo 2**-64 + 1) 2**64 exp(a_lo - a_hi)."""
+    first = a1 >= a2
+    a_hi = tl.where(first, a1, a2)
+    a_lo = tl.where(first, a2, a1)
+    R_hi = tl.where(first, R1, R2)
+    R_lo = tl.where(first, R2, R1)
+    s = _scale_scaled(a_lo, a_hi, EXACT)
+    # R_lo 2**-64 may underflow only where it is negligible beside 1
+    R = tl.where(a_hi == float("-inf"), R_hi + R_lo, R_hi + (R_lo * TWO_M64 + 1.0) * s)
+    return a_hi, R
+
+
+@triton.jit
+def combine_states_scaled(a, R, EXACT: tl.constexpr):
+    """combine_states on scaled states (unused slots: (-inf, 0)): the max's slot keeps its R, every other
+    slot adds (R_s 2**-64 + 1) 2**64 exp(a_s - a)."""
+    A = tl.max(a, axis=1)
+    idx = tl.arange(0, a.shape[1])[None, :]
+    first = tl.min(tl.where(a == A[:, None], idx, a.shape[1]), axis=1)
+    s = _scale_scaled(a, A[:, None] + tl.zeros_like(a), EXACT)
+    # (1 + r_s) s as t + dt exactly (but for s's own rounding): the sum is rounded once (sum_rows_acc)
+    p, pe = two_prod(R * TWO_M64, s)
+    t, te = two_sum(s, p)
+    keep = (idx == first[:, None]) | (A[:, None] == float("-inf"))
+    return A, sum_rows_acc(tl.where(keep, R, t), tl.where(keep, 0.0, te + pe))
+
+
+@triton.jit
+def finish_lse_scaled(a, R):
+    """lse = a + log1p(R 2**-64); an empty row gives -inf, a +inf entry +inf, NaN NaN."""
+    return finish_lse(a, R * TWO_M64)  # r rounded once, also where it is subnormal (log1p(r) = r there)
+
+
+@triton.jit
+def two_sum(a, b):
+    """(s, e) with s + e == a + b exactly (Knuth's TwoSum; no reassociation in Triton)."""
+    s = a + b
+    bp = s - a
+    return s, (a - (s - bp)) + (b - bp)
+
+
+@triton.jit
+def two_prod(a, b):
+    """(p, e) with p + e == a b exactly unless a product half under/overflows (Dekker; without FMA, which the
+    interpreter does not round once; fusing would not change it: every partial product is exact)."""
+    p = a * b
+    ca = a * 4097.0
+    ah = ca - (ca - a)
+    al = a - ah
+    cb = b * 4097.0
+    bh = cb - (cb - b)
+    bl = b - bh
+    return p, ((ah * bh - p) + ah * bl + al * bh) + al * bl
+
+
+@triton.jit
+def merge_state_comp(a1, R1, C1, a2, R2, C2, EXACT: tl.constexpr):
+    """merge_state_scaled on compensated states (a, R + C), C the rounding errors of R so far: the merge's own
+    roundings go into C, so an online loop over many chunks rounds its rest sum once (R + C) instead of once
+    per chunk (65 chunks: 3 ulps of log_softmax, 7 of softmax).  Only the scale exp(a_lo - a_hi) stays rounded."""
+    first = a1 >= a2
+    a_hi = tl.where(first, a1, a2)
+    a_lo = tl.where(first, a2, a1)
+    R_hi = tl.where(first, R1, R2)
+    R_lo = tl.where(first, R2, R1)
+    C_hi = tl.where(first, C1, C2)
+    C_lo = tl.where(first, C2, C1)
+    s = _scale_scaled(a_lo, a_hi, EXACT)
+    p, pe = two_prod(R_lo * TWO_M64, s)  # r_lo s; R_lo 2**-64 may underflow only where negligible beside 1
+    t, te = two_sum(s, p)  # (1 + r_lo) s
+    R, e = two_sum(R_hi, t)
+    C = C_hi + (e + (te + (pe + C_lo * TWO_M64 * s)))
+    empty = a_hi == float("-inf")  # two empty states: (-inf, 0, 0); NaN stays NaN through R or C
+    return a_hi, tl.where(empty, R_hi + R_lo, R), tl.where(empty, C_hi + C_lo, C)

@@ -13,12 +13,15 @@ Traffic:  one program per row.  A row that fits one block (V <= BLOCK_V) is read
           fused, written once.  A longer row is read twice (the online (max, rest) pass, then the gradient
           pass, whose second read comes from L2 while few rows are in flight) and written once.  Forward only
           writes fp32 per-row loss / lse (/ entropy); nothing of size M * V besides the gradient.
-Numerics: fp32 working precision; for fp32 (or softcapped) logits d = x - a is carried as hi + lo (TwoSum) and
-          exp(d) = exp(hi) (1 + lo); the target gradient p_t - 1 is -r / (1 + r) when x_t is a maximum (exact,
-          never softmax_t - 1, which cancels) and exp(d_t - L) - 1 otherwise (p_t <= 1/2 there: no cancellation);
-          row offsets in int64 (M * V may exceed 2**31).  On CUDA, exp / log1p / tanh / division come from
-          libdevice (correctly rounded to ~1 ulp; tl.exp is ex2.approx after a rounded multiply, |x| ulps off);
-          the interpreter uses NumPy's.
+Numerics: fp32 working precision (no float64 on the GPU); for fp32 (or softcapped) logits d = x - a is carried
+          as hi + lo (TwoSum) and exp(d) = exp(hi) (1 + lo).  The rest sum is carried scaled, R = 2**64 r, its
+          terms 2**64 exp(d) formed accurately also where exp(d) is subnormal (_lib.exp_scaled), so a confident
+          row's loss (= r) keeps its bits down to 2**-149; p = 2**64 exp(d) / (2**64 + R), a true division
+          rounded once.  L - d_t and d - L are formed with TwoSum and rounded once.  The target gradient
+          p_t - 1 is -r / (1 + r) when x_t is a maximum (exact, never softmax_t - 1, which cancels) and p - 1
+          otherwise (p_t <= 1/2 there: no cancellation); row offsets in int64 (M * V may exceed 2**31).
+          exp / log1p / tanh / division come from _lib.py: libdevice on CUDA (tl.exp is ex2.approx after a
+          rounded multiply, |x| ulps off), float64 NumPy in the interpreter (NumPy's float32 exp is 2.3 ulp off).
 Special:  a row with NaN or +-inf maximum gets L = NaN (loss and gradient NaN, lse = the infinite max), as the
           reference path and torch; a -inf logit at the target gives loss +inf; ignored rows get loss 0 and a
           zero gradient.  Out-of-range class indices are checked by the caller (``_validate``); the kernel
@@ -35,8 +38,18 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _tuning
-
-from ._lib import TWO_64, TWO_M64, div_rn, exp_scaled, log1p_acc, round_to, tanh_acc, to_f32, two_diff
+from ._lib import (
+    TWO_64,
+    TWO_M64,
+    div_rn,
+    exp_scaled,
+    log1p_acc,
+    merge_state_scaled,
+    round_to,
+    tanh_acc,
+    to_f32,
+    two_diff,
+)
 
 # ---------------------------------------------------------------------------------------------------------
 # Configs: the block/warp table is the "# cross-entropy" section of _tuning.py
@@ -103,20 +116,10 @@ def _block_state(x, EXACT: tl.constexpr):
 
 
 @triton.jit
-def _merge(a, R, m, Rm, EXACT: tl.constexpr):
-    """Online merge of two scaled states: R = R_hi + (R_lo 2**-64 + 1) 2**64 exp(a_lo - a_hi)."""
-    first = a >= m
-    a_hi = tl.where(first, a, m)
-    a_lo = tl.where(first, m, a)
-    R_hi = tl.where(first, R, Rm)
-    R_lo = tl.where(first, Rm, R)
-    a_ref = tl.where(tl.abs(a_hi) < float("inf"), a_hi, 0.0)
-    hi, lo = _shift(a_lo, a_ref, EXACT)
-    s = exp_scaled(hi, lo)
-    s = tl.where(a_lo == a_hi, TWO_64, s)  # equal maxima (also both infinite): the other max is a tie
-    s = tl.where(a_lo == float("-inf"), 0.0, s)  # an empty side adds nothing (two empties stay (-inf, 0))
-    # R_lo 2**-64 may underflow only where it is negligible beside 1
-    return a_hi, R_hi + (R_lo * TWO_M64 + 1.0) * s
+def _merge(a, R, m, Rm):
+    """Online merge of two scaled states (_lib.merge_state_scaled), the scale exp(a_lo - a_hi) always accurate
+    (exp_scaled; the maxima's difference is exact for half logits, TwoSum-carried for fp32 ones)."""
+    return merge_state_scaled(a, R, m, Rm, True)
 
 
 @triton.jit
@@ -139,7 +142,7 @@ def _row_stats(x_row, V, cap, BLOCK_V: tl.constexpr, HAS_CAP: tl.constexpr, EXAC
         cols = start + tl.arange(0, BLOCK_V)
         x = _load_row_block(x_row, cols, cols < V, cap, HAS_CAP)
         m, Rm = _block_state(x, EXACT)
-        a, R = _merge(a, R, m, Rm, EXACT)
+        a, R = _merge(a, R, m, Rm)
     return a, R
 
 
@@ -343,7 +346,7 @@ def _ce_prob_fwd_kernel(
             mask = cols < V
             xb = _load_row_block(x_row, cols, mask, cap, HAS_CAP)
             m, rest = _block_state(xb, EXACT)
-            a, r = _merge(a, r, m, rest, EXACT)
+            a, r = _merge(a, r, m, rest)
             swy += tl.sum(_ce_prob_wy(y_row, w_ptr, cols, mask, eps, V, HAS_W, HAS_EPS), axis=0)
     a_ref, L, lse = _finish(a, r)
     c1 = swy

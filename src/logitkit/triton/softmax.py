@@ -10,8 +10,10 @@ Regimes:  (triton/_tuning.py) "row": the whole row in registers, several rows pe
           "loop": an online (max, rest-sum) pass over chunks, then an output pass (second read mostly from L2);
           "split": rows cut into segments, a state per segment to a workspace, then a combining output pass.
 Traffic:  forward reads x once ("row") or twice (else) and writes y once; backward reads y and g once or twice.
-Numerics: fp32 working precision; float32 inputs carry x - a as TwoSum hi + lo and use libdevice exp/log1p
-          (tl.exp is ex2.approx on the GPU); true divisions (div_rn); int64 offsets; 1-D grids; no host syncs.
+Numerics: fp32 working precision; the rest sum is carried scaled, rest = 2**64 r (_lib's *_scaled helpers), so
+          terms whose exp(x - a) is subnormal in fp32 keep their bits (underflow family); float32 inputs carry
+          x - a as TwoSum hi + lo and use libdevice exp/log1p (tl.exp is ex2.approx on the GPU); true divisions
+          (div_rn); int64 offsets; 1-D grids; no host syncs.
           float64 inputs take the reference path.
 """
 
@@ -27,15 +29,19 @@ from torch import Tensor
 from ..reference import plain
 from . import _tuning
 from ._lib import (
-    combine_states,
+    TWO_64,
+    TWO_M64,
+    combine_states_scaled,
+    div_rn,
     exp_acc,
-    exp_diff,
     exp_fast,
-    finish_lse,
+    exp_scaled_diff,
+    finish_lse_scaled,
     log1p_acc,
-    merge_state,
+    merge_state_comp,
+    merge_state_scaled,
     round_to,
-    tile_state,
+    tile_state_scaled,
     to_f32,
     two_diff,
 )
@@ -69,25 +75,30 @@ def _load_row_tile(x_ptr, m_ptr, xrow, mrow, row_ok, cols, N, sx_n, sm_n, HAS_MA
 @triton.jit
 def _segment_state(x_ptr, m_ptr, xrow, mrow, row_ok, start, end, sx_n, sm_n,
                    HAS_MASK: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Online (a, r) over columns [start, end) of BLOCK_M rows, chunk by chunk."""
+    """Online scaled state (a, rest = 2**64 r) over columns [start, end) of BLOCK_M rows, chunk by chunk."""
     a = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    r = tl.zeros([BLOCK_M], tl.float32)
+    rest = tl.zeros([BLOCK_M], tl.float32)
+    comp = tl.zeros([BLOCK_M], tl.float32)  # float32: the merges' rounding errors, added once at the end
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         x, _ = _load_row_tile(x_ptr, m_ptr, xrow, mrow, row_ok, cols, end, sx_n, sm_n, HAS_MASK)
-        a_c, r_c = tile_state(x, EXACT)
-        a, r = merge_state(a, r, a_c, r_c, EXACT)
-    return a, r
+        a_c, rest_c = tile_state_scaled(x, EXACT)
+        if EXACT:
+            a, rest, comp = merge_state_comp(a, rest, comp, a_c, rest_c, tl.zeros_like(rest_c), EXACT)
+        else:
+            a, rest = merge_state_scaled(a, rest, a_c, rest_c, EXACT)
+    return a, rest + comp
 
 
 @triton.jit
-def _normalised(x, a, r, LOG: tl.constexpr, MASKED: tl.constexpr, EXACT: tl.constexpr):
-    """softmax or log_softmax of a fp32 tile from its rows' (a, r)."""
-    bad = (r != r) | (a == float("inf"))  # NaN or +inf in the row: a NaN row, as torch
+def _normalised(x, a, rest, LOG: tl.constexpr, MASKED: tl.constexpr, EXACT: tl.constexpr):
+    """softmax or log_softmax of a fp32 tile from its rows' scaled states (a, rest = 2**64 r)."""
+    bad = (rest != rest) | (a == float("inf"))  # NaN or +inf in the row: a NaN row, as torch
     if not MASKED:
         bad = bad | (a == float("-inf"))  # all -inf without mask=: NaN, as torch
     a_safe = tl.where(tl.abs(a) < float("inf"), a, 0.0)[:, None]  # with mask=, an empty row: d = -inf
-    L = tl.where(bad, float("nan"), log1p_acc(r))[:, None]
+    # r = rest 2**-64 rounded once, also where it is subnormal (a confident row's log_softmax at the max is -r)
+    L = tl.where(bad, float("nan"), log1p_acc(rest * TWO_M64))[:, None]
     if LOG:
         # d - L: two non-positive terms, no cancellation; float32 adds the TwoSum tail of d last.
         if EXACT:
@@ -96,16 +107,17 @@ def _normalised(x, a, r, LOG: tl.constexpr, MASKED: tl.constexpr, EXACT: tl.cons
         else:
             return (x - a_safe) - L
     else:
-        denom = tl.where(bad, float("nan"), 1.0 + r)[:, None]
-        # a true division, one rounding (the `/` operator is div.full.f32, 2 ulp, on the GPU)
-        return tl.div_rn(exp_diff(x, a_safe, EXACT), denom + tl.zeros_like(x))
+        denom = tl.where(bad, float("nan"), TWO_64 + rest)[:, None]
+        # 2**64 exp(d) / (2**64 + rest): normal operands, one rounding also where p is subnormal; a true division
+        # (the `/` operator is div.full.f32, 2 ulp, on the GPU)
+        return div_rn(exp_scaled_diff(x, a_safe, EXACT), denom + tl.zeros_like(x))
 
 
 @triton.jit
-def _times_g(y, x, a, r, g):
+def _times_g(y, x, a, rest, g):
     """The logsumexp gradient g softmax(x); a row holding +inf gets torch's exp(x - inf) * g: 0 off the
     infinities, NaN on them (its softmax is a NaN row)."""
-    inf_row = ((a == float("inf")) & (r == r))[:, None]
+    inf_row = ((a == float("inf")) & (rest == rest))[:, None]
     return tl.where(inf_row, tl.where(x == float("inf"), float("nan"), 0.0), y) * g
 
 
@@ -113,7 +125,8 @@ def _times_g(y, x, a, r, g):
 def _state_kernel(x_ptr, m_ptr, out_ptr, ws_ptr, R, N, K,
                   sx_p, sx_n, sx_k, sm_p, sm_n, sm_k, SEGMENT, SPLIT,
                   HAS_MASK: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Per (row block, segment): lse into out (SPLIT == 1) or the partial (a, r) into ws[2, R, SPLIT]."""
+    """Per (row block, segment): lse into out (SPLIT == 1) or the partial scaled state (a, rest = 2**64 r)
+    into ws[2, R, SPLIT]."""
     pid = tl.program_id(0)
     pid_m = pid // SPLIT
     seg = pid % SPLIT
@@ -122,13 +135,13 @@ def _state_kernel(x_ptr, m_ptr, out_ptr, ws_ptr, R, N, K,
     mrow = p * sm_p + k * sm_k
     start = seg.to(tl.int64) * SEGMENT
     end = tl.minimum(start + SEGMENT, N)
-    a, r = _segment_state(x_ptr, m_ptr, xrow, mrow, row_ok, start, end, sx_n, sm_n,
-                          HAS_MASK, EXACT, BLOCK_M, BLOCK_N)
+    a, rest = _segment_state(x_ptr, m_ptr, xrow, mrow, row_ok, start, end, sx_n, sm_n,
+                             HAS_MASK, EXACT, BLOCK_M, BLOCK_N)
     if SPLIT == 1:
-        tl.store(out_ptr + rows, finish_lse(a, r), mask=row_ok)
+        tl.store(out_ptr + rows, finish_lse_scaled(a, rest), mask=row_ok)
     else:
         tl.store(ws_ptr + rows * SPLIT + seg, a, mask=row_ok)
-        tl.store(ws_ptr + (R + rows) * SPLIT + seg, r, mask=row_ok)
+        tl.store(ws_ptr + (R + rows) * SPLIT + seg, rest, mask=row_ok)
 
 
 @triton.jit
@@ -137,8 +150,8 @@ def _load_states(ws_ptr, rows, row_ok, R, SPLIT, BLOCK_S: tl.constexpr):
     ok = row_ok[:, None] & (s[None, :] < SPLIT)
     off = rows[:, None] * SPLIT + s[None, :]
     a = tl.load(ws_ptr + off, mask=ok, other=float("-inf"))
-    r = tl.load(ws_ptr + R * SPLIT + off, mask=ok, other=0.0)
-    return a, r
+    rest = tl.load(ws_ptr + R * SPLIT + off, mask=ok, other=0.0)
+    return a, rest
 
 
 @triton.jit
@@ -146,9 +159,9 @@ def _lse_combine_kernel(ws_ptr, out_ptr, R, SPLIT, EXACT: tl.constexpr, BLOCK_M:
                         BLOCK_S: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     row_ok = rows < R
-    a_s, r_s = _load_states(ws_ptr, rows, row_ok, R, SPLIT, BLOCK_S)
-    a, r = combine_states(a_s, r_s, EXACT)
-    tl.store(out_ptr + rows, finish_lse(a, r), mask=row_ok)
+    a_s, rest_s = _load_states(ws_ptr, rows, row_ok, R, SPLIT, BLOCK_S)
+    a, rest = combine_states_scaled(a_s, rest_s, EXACT)
+    tl.store(out_ptr + rows, finish_lse_scaled(a, rest), mask=row_ok)
 
 
 @triton.jit
@@ -170,27 +183,27 @@ def _softmax_fwd_kernel(x_ptr, m_ptr, y_ptr, ws_ptr, g_ptr, R, N, K,
     if ONE_TILE:  # "row": read once, reduce, write
         cols = tl.arange(0, BLOCK_N)
         x, ok = _load_row_tile(x_ptr, m_ptr, xrow, mrow, row_ok, cols, N, sx_n, sm_n, HAS_MASK)
-        a, r = tile_state(x, EXACT)
-        y = _normalised(x, a, r, LOG, HAS_MASK, EXACT)
+        a, rest = tile_state_scaled(x, EXACT)
+        y = _normalised(x, a, rest, LOG, HAS_MASK, EXACT)
         if SCALE_G:
-            y = _times_g(y, x, a, r, g)
+            y = _times_g(y, x, a, rest, g)
         tl.store(y_ptr + (yrow[:, None] + cols.to(tl.int64)[None, :] * sy_n), round_to(y, y_ptr.dtype.element_ty),
                  mask=ok)
     else:
         if FROM_WS:  # "split": the partial states of this row's segments, combined
-            a_s, r_s = _load_states(ws_ptr, rows, row_ok, R, SPLIT, BLOCK_S)
-            a, r = combine_states(a_s, r_s, EXACT)
+            a_s, rest_s = _load_states(ws_ptr, rows, row_ok, R, SPLIT, BLOCK_S)
+            a, rest = combine_states_scaled(a_s, rest_s, EXACT)
         else:  # "loop": the online pass over the whole row
-            a, r = _segment_state(x_ptr, m_ptr, xrow, mrow, row_ok, 0, N, sx_n, sm_n,
-                                  HAS_MASK, EXACT, BLOCK_M, BLOCK_N)
+            a, rest = _segment_state(x_ptr, m_ptr, xrow, mrow, row_ok, 0, N, sx_n, sm_n,
+                                     HAS_MASK, EXACT, BLOCK_M, BLOCK_N)
         start = seg.to(tl.int64) * SEGMENT
         end = tl.minimum(start + SEGMENT, N)
         for n0 in range(start, end, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             x, ok = _load_row_tile(x_ptr, m_ptr, xrow, mrow, row_ok, cols, end, sx_n, sm_n, HAS_MASK)
-            y = _normalised(x, a, r, LOG, HAS_MASK, EXACT)
+            y = _normalised(x, a, rest, LOG, HAS_MASK, EXACT)
             if SCALE_G:
-                y = _times_g(y, x, a, r, g)
+                y = _times_g(y, x, a, rest, g)
             tl.store(y_ptr + (yrow[:, None] + cols.to(tl.int64)[None, :] * sy_n),
                      round_to(y, y_ptr.dtype.element_ty), mask=ok)
 

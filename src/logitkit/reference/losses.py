@@ -19,6 +19,11 @@ from torch import Tensor
 from .plain import Workspace, as_rows, block_logp, block_lse, iter_row_blocks, working_dtype
 
 
+# Loss blocks are larger than plain.BLOCK_ELEMS: their forward keeps per-row values only (no block-sized
+# output to write back), so fewer, larger fused calls win (measured on 2 cores: CE forward 2.8x -> 2.2x torch).
+LOSS_BLOCK_ELEMS = 1 << 18
+
+
 def capped(x2: Tensor, softcap: float | None) -> Tensor:
     """softcap * tanh(x / softcap) in working precision (x itself when softcap is None)."""
     if softcap is None:
@@ -79,7 +84,7 @@ def ce_rows(
     wt = torch.empty(lead, dtype=wd, device=xv.device)
     eps = label_smoothing
     ws = Workspace()
-    for sl in iter_row_blocks(lead, C):
+    for sl in iter_row_blocks(lead, C, LOSS_BLOCK_ELEMS):
         x2 = capped(as_rows(xv[sl]), softcap)
         t_safe, valid = _targets(target, sl, ignore_index)
         xw, a, L = block_lse(x2, ws)
@@ -121,7 +126,7 @@ def ce_grad(
         return dx
     eps = label_smoothing
     ws = Workspace()
-    for sl in iter_row_blocks(lead, C):
+    for sl in iter_row_blocks(lead, C, LOSS_BLOCK_ELEMS):
         x2 = capped(as_rows(xv[sl]), softcap)
         t_safe, valid = _targets(target, sl, ignore_index)
         y, L = block_logp(x2, ws)
@@ -166,7 +171,7 @@ def ce_prob_rows(
     loss = torch.empty(lead, dtype=wd, device=xv.device)
     lse = torch.empty(lead, dtype=wd, device=xv.device)
     ws = Workspace()
-    for sl in iter_row_blocks(lead, C):
+    for sl in iter_row_blocks(lead, C, LOSS_BLOCK_ELEMS):
         x2 = capped(as_rows(xv[sl]), softcap)
         y, L = block_logp(x2, ws)
         q = _smoothed(as_rows(target[sl]).to(y.dtype), label_smoothing, C)
@@ -200,7 +205,7 @@ def ce_prob_grad(
     if dx.numel() == 0:
         return dx, dq
     ws = Workspace()
-    for sl in iter_row_blocks(lead, C):
+    for sl in iter_row_blocks(lead, C, LOSS_BLOCK_ELEMS):
         x2 = capped(as_rows(xv[sl]), softcap)
         y, L = block_logp(x2, ws)
         g2 = g[sl].reshape(-1, 1).to(y.dtype)
@@ -226,7 +231,7 @@ def selective_rows(xv: Tensor, index: Tensor) -> Tensor:
     if out.numel() == 0:
         return out
     ws = Workspace()
-    for sl in iter_row_blocks(lead, V):
+    for sl in iter_row_blocks(lead, V, LOSS_BLOCK_ELEMS):
         x2 = as_rows(xv[sl])
         y, _ = block_logp(x2, ws)
         _store(out[sl], y.gather(1, index[sl].reshape(x2.shape[0], -1)))
@@ -241,7 +246,7 @@ def selective_grad(xv: Tensor, index: Tensor, g: Tensor, out_dtype: torch.dtype)
     if dx.numel() == 0:
         return dx
     ws = Workspace()
-    for sl in iter_row_blocks(lead, V):
+    for sl in iter_row_blocks(lead, V, LOSS_BLOCK_ELEMS):
         x2 = as_rows(xv[sl])
         y, _ = block_logp(x2, ws)
         i2 = index[sl].reshape(x2.shape[0], -1)
@@ -266,7 +271,7 @@ def entropy_rows(xv: Tensor) -> Tensor:
     if V == 0:
         return out.fill_(0.0)
     ws = Workspace()
-    for sl in iter_row_blocks(lead, V):
+    for sl in iter_row_blocks(lead, V, LOSS_BLOCK_ELEMS):
         y, _ = block_logp(as_rows(xv[sl]), ws)
         _store(out[sl], -_plogp(y)[1].sum(dim=1))
     return out
@@ -280,7 +285,7 @@ def entropy_grad(xv: Tensor, g: Tensor, out_dtype: torch.dtype) -> Tensor:
     if dx.numel() == 0:
         return dx
     ws = Workspace()
-    for sl in iter_row_blocks(lead, V):
+    for sl in iter_row_blocks(lead, V, LOSS_BLOCK_ELEMS):
         y, _ = block_logp(as_rows(xv[sl]), ws)
         p, plogp = _plogp(y)
         H = -plogp.sum(dim=1, keepdim=True)

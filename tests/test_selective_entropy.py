@@ -22,7 +22,9 @@ def test_selective_log_softmax_accuracy(backend, dtype, V):
         assert ours.dtype == dtype and ours.shape == idx.shape
         errs[name] = oracle.ulp_error(ours, oracle.selective_log_softmax(x, idx, -1), dtype).max().item()
         own = logitkit.log_softmax(x, dim=-1).gather(-1, idx)
-        assert oracle.ulp_error(ours, own.double(), dtype).max() <= 1, name
+        # Both are separately rounded approximations within the target of the truth, on either side of it:
+        # they agree within one target's width (not necessarily 1 ulp; fp32 kernels: 1.22 vs 1.42 ulp off).
+        assert oracle.ulp_error(ours, own.double(), dtype).max() <= ULPS["selective_log_softmax"][dtype], name
     assert not worst(errs, ULPS["selective_log_softmax"][dtype]), errs
 
 

@@ -299,11 +299,12 @@ def _ce_prob_wy(y_row, w_ptr, cols, mask, eps, V, HAS_W: tl.constexpr, HAS_EPS: 
 
 
 @triton.jit
-def _ce_prob_block(x, wy, a_ref, r, L, c1, cap, HAS_CAP: tl.constexpr, EXACT: tl.constexpr):
+def _ce_prob_block(x, wy, mask, a_ref, r, L, c1, cap, HAS_CAP: tl.constexpr, EXACT: tl.constexpr):
     hi, lo = _shift(x, a_ref, EXACT)
     p = _prob(hi, lo, r, L)
     d = hi + lo
-    swyd = tl.sum(tl.where(wy != 0.0, wy * d, 0.0), axis=0)  # 0 * -inf (masked lanes) counts 0
+    # padding lanes count 0; a real -inf logit with probability 0 gives 0 * -inf = NaN, as torch
+    swyd = tl.sum(tl.where(mask, wy * d, 0.0), axis=0)
     spd = tl.sum(tl.where(p > 0.0, p * d, 0.0), axis=0)
     g = c1 * p - wy
     if HAS_CAP:
@@ -359,7 +360,7 @@ def _ce_prob_fwd_kernel(
         s = s / to_f32(tl.load(denom_ptr))
 
     if SINGLE:
-        g, swyd, spd = _ce_prob_block(x, wy, a_ref, r, L, c1, cap, HAS_CAP, EXACT)
+        g, swyd, spd = _ce_prob_block(x, wy, mask, a_ref, r, L, c1, cap, HAS_CAP, EXACT)
         if WRITE_GRAD:
             tl.store(dx_ptr + row * stride_dx_m + cols, round_to(g * s, dx_ptr.dtype.element_ty), mask=mask)
     else:
@@ -370,7 +371,7 @@ def _ce_prob_fwd_kernel(
             mask = cols < V
             xb = _load_row_block(x_row, cols, mask, cap, HAS_CAP)
             wyb = _ce_prob_wy(y_row, w_ptr, cols, mask, eps, V, HAS_W, HAS_EPS)
-            g, swyd_b, spd_b = _ce_prob_block(xb, wyb, a_ref, r, L, c1, cap, HAS_CAP, EXACT)
+            g, swyd_b, spd_b = _ce_prob_block(xb, wyb, mask, a_ref, r, L, c1, cap, HAS_CAP, EXACT)
             swyd += swyd_b
             spd += spd_b
             if WRITE_GRAD:

@@ -81,6 +81,24 @@ def _log_softmax(xv: Tensor, softcap: float | None) -> tuple[Tensor, Tensor]:
     return SoftmaxFunction.apply(xc, -1, None, True, False).to(working_dtype(xv.dtype)), xc
 
 
+def _kernel_forward_tail(ctx, xv, target, weight, denom, fused, dx, inplace_backward, loss_rows, lse, ent, lead,
+                         reduction, with_entropy):
+    """Shared end of the kernel forwards: keep the fused gradient, save for backward, reduce the rows."""
+    if fused:
+        ctx.fused_dx = dx
+        ctx.consumed = bool(inplace_backward)
+    ctx.save_for_backward(None if ctx.consumed else xv, target, weight, denom)
+    ctx.shape = xv.shape
+    ctx.mark_non_differentiable(lse, ent)
+    if reduction == "none":
+        loss = loss_rows.view(lead)
+    elif reduction == "sum":
+        loss = loss_rows.sum()
+    else:
+        loss = (loss_rows.sum() / denom).reshape(())
+    return loss, lse.view(lead), ent.view(lead) if with_entropy else ent
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     """Class-index targets. Returns (loss reduced as asked, per-row lse, per-row entropy or an empty tensor);
     lse and entropy are not differentiable."""
@@ -116,22 +134,10 @@ class CrossEntropyFunction(torch.autograd.Function):
         loss_rows, lse, ent, dx = k.ce_fwd(x2, t2, weight=weight, denom=denom, ignore_index=ignore_index,
                                            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                                            with_grad=fused, with_entropy=with_entropy, inplace=inplace_backward)
-        if fused:
-            ctx.fused_dx = dx
-            ctx.consumed = bool(inplace_backward)
         # Logits overwritten by the gradient are not saved (nothing to recompute from).  The input itself is
         # saved (not the (M, V) view) so that double backward can differentiate through it.
-        ctx.save_for_backward(None if ctx.consumed else xv, t2, weight, denom)
-        ctx.shape = xv.shape
-        ctx.mark_non_differentiable(lse, ent)
-        if reduction == "none":
-            loss = loss_rows.view(lead)
-        elif reduction == "sum":
-            loss = loss_rows.sum()
-        else:
-            loss = (loss_rows.sum() / denom).reshape(())
-        ent_out = ent.view(lead) if with_entropy else ent
-        return loss, lse.view(lead), ent_out
+        return _kernel_forward_tail(ctx, xv, t2, weight, denom, fused, dx, inplace_backward, loss_rows, lse, ent,
+                                    lead, reduction, with_entropy)
 
     @staticmethod
     def backward(ctx, g, _g_lse, _g_ent):
@@ -222,19 +228,8 @@ class CrossEntropyProbFunction(torch.autograd.Function):
         loss_rows, lse, ent, dx = k.ce_prob_fwd(x2, y2, weight=weight, denom=denom, label_smoothing=label_smoothing,
                                                 z_loss=z_loss, softcap=softcap, with_grad=fused,
                                                 with_entropy=with_entropy, inplace=inplace_backward)
-        if fused:
-            ctx.fused_dx = dx
-            ctx.consumed = bool(inplace_backward)
-        ctx.save_for_backward(None if ctx.consumed else xv, target, weight, denom)
-        ctx.shape = xv.shape
-        ctx.mark_non_differentiable(lse, ent)
-        if reduction == "none":
-            loss = loss_rows.view(lead)
-        elif reduction == "sum":
-            loss = loss_rows.sum()
-        else:
-            loss = (loss_rows.sum() / denom).reshape(())
-        return loss, lse.view(lead), ent.view(lead) if with_entropy else ent
+        return _kernel_forward_tail(ctx, xv, target, weight, denom, fused, dx, inplace_backward, loss_rows, lse, ent,
+                                    lead, reduction, with_entropy)
 
     @staticmethod
     def backward(ctx, g, _g_lse, _g_ent):

@@ -131,7 +131,9 @@ def class_weight(weight: object, C: int, x: Tensor) -> Tensor | None:
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
     if weight.dim() != 1 or weight.shape[0] != C:
-        raise ValueError(f"weight must be a 1-D tensor of {C} elements (one per class), got shape {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must be a 1-D tensor of {C} elements (one per class), got shape {tuple(weight.shape)}"
+        )
     if not weight.dtype.is_floating_point:
         raise TypeError(f"weight must be a floating-point tensor, got {weight.dtype}")
     if weight.device != x.device:
@@ -169,7 +171,9 @@ def target_range(target: Tensor, C: int, ignore_index: int) -> None:
     if target.device.type == "cpu" and not torch.compiler.is_compiling():
         if bool(bad.any()):
             v = int(target[bad][0])
-            raise IndexError(f"target {v} is out of bounds: expected class indices in [0, {C}) or ignore_index={ignore_index}")
+            raise IndexError(
+                f"target {v} is out of bounds: expected class indices in [0, {C}) or ignore_index={ignore_index}"
+            )
     else:
         torch._assert_async(~bad.any(), f"target out of bounds: expected class indices in [0, {C}) or ignore_index")
 

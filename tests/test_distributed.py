@@ -237,6 +237,33 @@ def _ce(ctx):
     return out
 
 
+@case("cross_entropy_prob_targets")
+def _ce_prob(ctx):
+    """Class-probability targets, sharded like the logits: every reduction, weights, smoothing, z_loss."""
+    out = {}
+    M = 7
+    for dtype in DTYPES:
+        for sizes in SPLITS[ctx.world]:
+            V = sum(sizes)
+            x = _logits("cep", M, V, dtype)
+            q = torch.softmax(torch.randn(M, V, generator=_gen("q"), dtype=F64), -1).to(dtype)
+            cw = torch.rand(V, generator=_gen("cwp"), dtype=dtype) + 0.5
+            for kw in (dict(), dict(reduction="sum", label_smoothing=0.1), dict(reduction="none", z_loss=1e-3)):
+                for w_ref, w_loc in ((None, None), (cw, ctx.split(cw, sizes))):
+                    g = torch.randn(M, generator=_gen("gp"), dtype=dtype) if kw.get("reduction") == "none" else None
+                    g = torch.tensor(0.7, dtype=dtype) if g is None else g
+                    y_ref, gx_ref = _grad_through(lambda s: logitkit.cross_entropy(s, q, w_ref, **kw), x, g)
+                    y, gx = _grad_through(
+                        lambda s: lkd.cross_entropy(s, ctx.split(q, sizes), w_loc, **kw), ctx.split(x, sizes), g
+                    )
+                    tag = f"{dtype}{sizes}{kw}{w_ref is not None}"
+                    out[f"loss {tag}"] = err(y, y_ref)
+                    out[f"dx {tag}"] = gerr(gx, ctx.split(gx_ref, sizes), ctx.split(row_max(gx_ref), sizes)) / budget(
+                        "cross_entropy", "grad", dtype
+                    )
+    return out
+
+
 @case("cross_entropy_zloss_softcap_3d")
 def _ce_extra(ctx):
     out = {}

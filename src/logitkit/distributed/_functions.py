@@ -261,6 +261,81 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         return (dx,) + (None,) * 9
 
 
+class VocabParallelCrossEntropyProbFunction(torch.autograd.Function):
+    """Class-probability targets, each rank holding the (*lead, V_local) slice of its own classes.
+
+    loss_i = L S1 - S2 with S1 = sum_j w_j q'_j, S2 = sum_j w_j q'_j d_j (q' = (1 - eps) q + eps / C, d = x - max):
+    both sums travel in the packed all-reduce (as sum_j w q and sum_j w q d, plus sum_j w and sum_j w d for the
+    smoothing term, combined once C is known); backward g (S1 p_j - w_j q'_j) (+ the z term) is local.
+    """
+
+    @staticmethod
+    def forward(ctx, xv, q_loc, w_loc, reduction, eps, z_loss, softcap, shard, group):
+        wd = working_dtype(xv.dtype)
+        cap = _cap_fn(softcap)
+        wl = w_loc.to(wd) if w_loc is not None else None
+
+        def hook(b: Block) -> Tensor:
+            q = as_rows(q_loc[b.sl]).to(wd)
+            wq = q * wl if wl is not None else q
+            d = full_d(b.d_hi, b.d_lo)
+            # 0 * -inf (a -inf logit with q = 0) is NaN, as torch's -(q * log_softmax).sum()
+            cols = [wq.sum(dim=1, keepdim=True, dtype=ACC), (wq * d).sum(dim=1, keepdim=True, dtype=ACC)]
+            if eps > 0.0:
+                cols.append((d @ wl).unsqueeze(1).to(ACC) if wl is not None else d.sum(dim=1, keepdim=True, dtype=ACC))
+            return torch.cat(cols, dim=1)
+
+        scal = torch.zeros(2, dtype=ACC, device=xv.device)
+        scal[0] = shard.size
+        if wl is not None:
+            scal[1] = wl.sum(dtype=ACC)
+        s = global_stats(xv, None, False, group, hook, 2 + int(eps > 0.0), scal, cap)
+        C = shard.V if shard.V is not None else int(s.scalars[0])
+        W = s.scalars[1] if wl is not None else torch.tensor(float(C), dtype=ACC, device=xv.device)
+        S1, S2 = (1.0 - eps) * s.cols[..., 0], (1.0 - eps) * s.cols[..., 1]
+        if eps > 0.0:
+            S1, S2 = S1 + (eps / C) * W, S2 + (eps / C) * s.cols[..., 2]
+        L = s.L.to(ACC)
+        row = L * S1 - S2  # both terms >= 0 for q, w >= 0
+        if z_loss != 0.0:
+            row = row + z_loss * s.lse.to(ACC) ** 2
+        rows = row.numel()
+        if reduction == "none":
+            loss = row
+        else:
+            loss = row.sum() if reduction == "sum" else row.sum() / rows
+        ctx.opts = (reduction, eps, z_loss, softcap, C, rows)
+        ctx.save_for_backward(xv, q_loc, w_loc, s.a, s.L, s.lse, S1.to(wd))
+        ctx.mark_non_differentiable(s.lse)
+        out = loss_dtype(xv.dtype)
+        return loss.to(out), s.lse.to(out)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g, _g_lse):
+        xv, q_loc, w_loc, a, Ls, lse, S1 = ctx.saved_tensors
+        reduction, eps, z_loss, softcap, C, rows = ctx.opts
+        wd = working_dtype(xv.dtype)
+        lead = tuple(xv.shape[:-1])
+        gr = g if reduction == "none" else g.expand(lead) / (rows if reduction == "mean" else 1)
+        wl = w_loc.to(wd) if w_loc is not None else None
+        dx = torch.empty(xv.shape, dtype=xv.dtype, device=xv.device)
+        for sl, xw in row_blocks(xv, None, _cap_fn(softcap)):
+            q = as_rows(q_loc[sl]).to(wd)
+            q = q * (1.0 - eps) + eps / C if eps > 0.0 else q
+            wq = q * wl if wl is not None else q
+            d_hi, d_lo, _ = shifted(xw, a[sl].reshape(-1, 1))
+            p = torch.exp(full_d(d_hi, d_lo) - Ls[sl].reshape(-1, 1))
+            c1 = S1[sl].reshape(-1, 1)
+            if z_loss != 0.0:
+                c1 = c1 + 2.0 * z_loss * lse[sl].reshape(-1, 1)
+            res = (p * c1 - wq).mul_(gr[sl].reshape(-1, 1).to(wd))
+            if softcap is not None:
+                res.mul_(1.0 - (xw / softcap) ** 2)  # d/dx c tanh(x / c) = 1 - (capped / c)**2
+            _store(dx[sl], res)
+        return (dx,) + (None,) * 8
+
+
 class VocabParallelSelectiveLogSoftmaxFunction(torch.autograd.Function):
     """log_softmax(x).gather(-1, index) for global indices (*lead, K); replicated output; local backward."""
 

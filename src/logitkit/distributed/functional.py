@@ -23,6 +23,7 @@ from .. import _validate as check
 from ._comm import Shard, shard_of
 from ._functions import (
     VocabParallelCrossEntropyFunction,
+    VocabParallelCrossEntropyProbFunction,
     VocabParallelEntropyFunction,
     VocabParallelLogsumexpFunction,
     VocabParallelSelectiveLogSoftmaxFunction,
@@ -140,7 +141,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
                   ignore_index: int = -100, reduce=None, reduction: str = "mean", label_smoothing: float = 0.0,
                   *, z_loss: float = 0.0, softcap: float | None = None, group=None,
                   vocab_start: int | None = None) -> Tensor:
-    """Cross-entropy with the class dimension sharded; ``target`` holds global class indices (replicated).
+    """Cross-entropy with the class dimension sharded; ``target`` holds global class indices (replicated) or
+    class probabilities (this rank's slice, sharded like ``input``).
 
     ``weight`` is the full (V,) class weight or this rank's (V_local,) slice. Two all-reduces in forward
     (the max, then one packed sum of per-row terms), none in backward. The loss is replicated on every rank
@@ -148,8 +150,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
     """
     x, group, _ = unwrap(input, group, lambda n: 1 if n >= 2 else 0)
     check.tensor("input", x)
-    target = _replicated(target)
     check.tensor("target", target)
+    if not target.dtype.is_floating_point:
+        target = _replicated(target)  # class indices are replicated; probabilities are sharded like the logits
     x = check.float_input("input", x, None)
     cdim = check.loss_input("input", x)
     red = check.reduction(reduction, size_average, reduce)
@@ -157,7 +160,17 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
     z = check.nonneg_float("z_loss", z_loss)
     cap = check.softcap(softcap)
     if target.dtype.is_floating_point:
-        raise NotImplementedError("vocab-parallel cross_entropy takes class-index targets (probabilities: not yet)")
+        # class probabilities: this rank's (*, V_local) slice of them, like the logits
+        q = target.to_local() if hasattr(target, "to_local") else target
+        check.prob_target(x, q)
+        if q.requires_grad:
+            raise ValueError("vocab-parallel cross_entropy does not differentiate with respect to probability targets")
+        shard = shard_of(group, x.shape[cdim], vocab_start, x.device, need_start=True)
+        w = _class_weight(weight, shard, x)
+        loss, _ = VocabParallelCrossEntropyProbFunction.apply(
+            x.movedim(cdim, -1), q.movedim(cdim, -1), w, red, eps, z, cap, shard, group
+        )
+        return loss
     check.integer_target(target)
     check.class_target_shape(x, target, cdim)
     shard = shard_of(group, x.shape[cdim], vocab_start, x.device, need_start=True)

@@ -154,18 +154,28 @@ class CrossEntropyFunction(torch.autograd.Function):
         return (dx,) + nones
 
 
-def _ce_kernel_backward(ctx, g: Tensor) -> Tensor:
-    xv, t2, weight, denom = ctx.saved_tensors
-    ignore_index, reduction, eps, z_loss, softcap = ctx.opts
-    k = _triton()
+def _take_fused(ctx, g: Tensor, k) -> Tensor | None:
+    """The gradient formed in forward, scaled by g on the device, or None when backward must recompute.
+
+    Handed over without a copy (autograd may keep it as .grad); a second backward (retain_graph) finds None
+    and recomputes, unless the logits were consumed by ``inplace_backward``.
+    """
     if ctx.fused_dx is not None and not torch.is_grad_enabled():
-        # Hand the forward's gradient over (no copy: autograd may keep it as .grad) and scale it by g on the
-        # device; a second backward (retain_graph) finds None here and recomputes.
         dx, ctx.fused_dx = ctx.fused_dx, None
         k.grad_scale_(dx, g.reshape(1).float())
         return dx.view(ctx.shape)
     if ctx.consumed:
         raise RuntimeError(_CONSUMED)
+    return None
+
+
+def _ce_kernel_backward(ctx, g: Tensor) -> Tensor:
+    xv, t2, weight, denom = ctx.saved_tensors
+    ignore_index, reduction, eps, z_loss, softcap = ctx.opts
+    k = _triton()
+    dx = _take_fused(ctx, g, k)
+    if dx is not None:
+        return dx
     if torch.is_grad_enabled():
         t = t2.view(ctx.shape[:-1])
         return _ce_double_backward(xv, t, weight, None if denom is None else denom.reshape(()), ctx.opts, g,
@@ -244,12 +254,9 @@ def _ce_prob_kernel_backward(ctx, g: Tensor) -> Tensor:
     xv, target, weight, denom = ctx.saved_tensors
     reduction, eps, z_loss, softcap, rows = ctx.opts
     k = _triton()
-    if ctx.fused_dx is not None and not torch.is_grad_enabled():
-        dx, ctx.fused_dx = ctx.fused_dx, None
-        k.grad_scale_(dx, g.reshape(1).float())
-        return dx.view(ctx.shape)
-    if ctx.consumed:
-        raise RuntimeError(_CONSUMED)
+    dx = _take_fused(ctx, g, k)
+    if dx is not None:
+        return dx
     if torch.is_grad_enabled():
         dx, _ = _ce_prob_ref_backward(ctx, xv, target, weight, g)
         return dx

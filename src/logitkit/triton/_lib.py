@@ -8,12 +8,10 @@ Names (keep stable):
   exp_fast(x)                     exp for fp32 working values of half inputs (hardware approx is plenty)
   exp_acc(x)                      accurate exp (libdevice expf, <= 2 ulp) for float32 inputs
   two_diff(x, a)                  (hi, lo) with hi + lo == x - a exactly, lo = 0 where hi is not finite
-  exp_diff(x, a, EXACT)           exp(x - a); EXACT: with the TwoSum correction exp(hi) * (1 + lo)
-  tile_state(x, EXACT)            (a, r) of each row of a (BLOCK_M, BLOCK_N) fp32 tile (pads/masked = -inf)
-  merge_state(a1, r1, a2, r2, EXACT)   the associative online merge, -inf/+inf guarded
-  combine_states(a, r, EXACT)     (a, r) of each row from a (BLOCK_M, BLOCK_S) tile of partial states
   log1p_acc(r)                    accurate log1p (libdevice)
   finish_lse(a, r)                a + log1p(r) with the special rows: -inf, +inf, NaN
+  The kernels carry the rest sum scaled (R = 2**64 r, so subnormal terms keep their bits): tile_state_scaled,
+  merge_state_scaled, merge_state_comp, combine_states_scaled, finish_lse_scaled, exp_scaled* (below).
 """
 
 import triton
@@ -67,75 +65,6 @@ def two_diff(x, a):
     lo = (x - (hi - bp)) - (bp + a)
     lo = tl.where(tl.abs(hi) < float("inf"), lo, 0.0)  # inf - inf would make lo NaN
     return hi, lo
-
-
-@triton.jit
-def exp_diff(x, a, EXACT: tl.constexpr):
-    if EXACT:
-        hi, lo = two_diff(x, a)
-        e = exp_acc(hi)
-        # exp(hi + lo) = exp(hi) (1 + lo) to first order: a rounded x - a costs |x - a| u in exp.
-        return e + e * lo
-    else:
-        return exp_fast(x - a)
-
-
-@triton.jit
-def tile_state(x, EXACT: tl.constexpr):
-    """(a, r) per row of a fp32 tile; padding and masked-out entries must be -inf, NaN entries are kept."""
-    isnan = x != x
-    xs = tl.where(isnan, float("-inf"), x)  # max ignores NaN the same way on the GPU and in the interpreter
-    a = tl.max(xs, axis=1)
-    a_safe = tl.where(a == float("-inf"), 0.0, a)
-    top = xs == a[:, None]
-    # The max's own exp(0) = 1 is never added (rest sum); other ties add exactly 1 each via the count.
-    e = tl.where(top, 0.0, exp_diff(xs, a_safe[:, None], EXACT))
-    cnt = tl.sum(top.to(tl.float32), axis=1)
-    r = tl.sum(e, axis=1) + (cnt - 1.0)
-    r = tl.where(a == float("-inf"), 0.0, r)  # an empty (all -inf / masked) row: the state (-inf, 0)
-    has_nan = tl.max(isnan.to(tl.int32), axis=1) > 0
-    r = tl.where(has_nan, float("nan"), r)
-    return a, r
-
-
-@triton.jit
-def _scale(a_lo, a_hi, EXACT: tl.constexpr):
-    # exp(a_lo - a_hi) with a_lo <= a_hi; equal maxima (also both +inf) scale by exactly 1.
-    same = a_lo == a_hi
-    a_hi_safe = tl.where(same | (a_hi == float("-inf")) | (a_hi == float("inf")), a_lo, a_hi)
-    s = exp_diff(a_lo, a_hi_safe, EXACT)
-    s = tl.where(same, 1.0, s)
-    s = tl.where((a_hi == float("inf")) & (a_lo < a_hi), 0.0, s)
-    return s
-
-
-@triton.jit
-def merge_state(a1, r1, a2, r2, EXACT: tl.constexpr):
-    """(a, r) of the union of two states: r = r_hi + (r_lo + 1) exp(a_lo - a_hi); (-inf, 0) + (-inf, 0) = (-inf, 0)."""
-    first = a1 >= a2
-    a_hi = tl.where(first, a1, a2)
-    a_lo = tl.where(first, a2, a1)
-    r_hi = tl.where(first, r1, r2)
-    r_lo = tl.where(first, r2, r1)
-    s = _scale(a_lo, a_hi, EXACT)
-    r = tl.where(a_hi == float("-inf"), r_hi + r_lo, r_hi + (r_lo + 1.0) * s)
-    return a_hi, r
-
-
-@triton.jit
-def combine_states(a, r, EXACT: tl.constexpr):
-    """(a, r) per row of a (BLOCK_M, BLOCK_S) tile of partial states (unused slots: (-inf, 0)).
-
-    Closed form instead of a chain of merges: the slot holding the max keeps its r, every other slot adds
-    (r_s + 1) exp(a_s - a); never sum (1 + r_s) scaled and subtract 1, which cancels.
-    """
-    A = tl.max(a, axis=1)
-    idx = tl.arange(0, a.shape[1])[None, :]
-    first = tl.min(tl.where(a == A[:, None], idx, a.shape[1]), axis=1)
-    s = _scale(a, A[:, None] + tl.zeros_like(a), EXACT)
-    term = tl.where(idx == first[:, None], r, (r + 1.0) * s)
-    term = tl.where(A[:, None] == float("-inf"), r, term)
-    return A, tl.sum(term, axis=1)
 
 
 @triton.jit

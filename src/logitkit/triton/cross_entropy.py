@@ -63,7 +63,7 @@ def _block_config(V: int, device_type: str) -> tuple[int, int]:
 
 # ---------------------------------------------------------------------------------------------------------
 # Row state helpers.  Generic pieces (TwoSum, accurate exp / log1p / tanh / division, the interpreter's
-# rounding casts) come from _lib.py.  The state differs from _lib's tile_state / merge_state in one way: the
+# rounding casts) come from _lib.py.  The state differs from _lib's tile_state_scaled / merge_state_scaled in one way: the
 # rest sum is carried scaled, R = 2**64 r (exact), with terms from exp_scaled, because these kernels return
 # fp32 losses whose targets hold down to subnormal values (a confident row's loss is r itself): unscaled, every
 # term below e**-87 would be rounded to a multiple of 2**-149 before the sum (NUMERICS.md underflow family).

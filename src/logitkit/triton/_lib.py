@@ -266,7 +266,7 @@ def _scale_scaled(a_lo, a_hi, EXACT: tl.constexpr):
 
 @triton.jit
 def merge_state_scaled(a1, R1, a2, R2, EXACT: tl.constexpr):
-    """merge_state on scaled states: R = R_hi + (R_lo 2**-64 + 1) 2**64 exp(a_lo - a_hi)."""
+    """The online merge on scaled states: R = R_hi + (R_lo 2**-64 + 1) 2**64 exp(a_lo - a_hi)."""
     first = a1 >= a2
     a_hi = tl.where(first, a1, a2)
     a_lo = tl.where(first, a2, a1)
@@ -280,7 +280,7 @@ def merge_state_scaled(a1, R1, a2, R2, EXACT: tl.constexpr):
 
 @triton.jit
 def combine_states_scaled(a, R, EXACT: tl.constexpr):
-    """combine_states on scaled states (unused slots: (-inf, 0)): the max's slot keeps its R, every other
+    """Combine a row's partial scaled states (unused slots: (-inf, 0)): the max's slot keeps its R, every other
     slot adds (R_s 2**-64 + 1) 2**64 exp(a_s - a)."""
     A = tl.max(a, axis=1)
     idx = tl.arange(0, a.shape[1])[None, :]

@@ -115,6 +115,47 @@ def test_backward_random_upstream(backend, dtype, V):
     assert not worst(ours_err, {k: v + TORCH_SLACK[dtype] for k, v in torch_err.items()}), (ours_err, torch_err)
 
 
+# reduction='sum' with requires_grad: the CPU path (and the kernels) form the gradient in the forward pass.
+@pytest.mark.parametrize("V", [2, 1025])
+@pytest.mark.parametrize("dtype", TARGET_DTYPES)
+def test_forward_formed_gradient_on_families(backend, dtype, V):
+    gen = torch.Generator().manual_seed(V + 1)
+    ours_err, torch_err = {}, {}
+    for name, x in oracle.input_families(dtype, V, M=rows_for(V), seed=V):
+        t = x.double().argmax(1)
+        t[::2] = torch.randint(0, V, t[::2].shape, generator=gen)
+        ones = torch.ones(x.shape[0], dtype=F32)
+        truth = oracle.cross_entropy_bwd(x, t, ones, reduction="none")
+        ours = grad(lambda z, t=t: logitkit.cross_entropy(z, t, reduction="sum"), x, None)
+        ours_err[name] = oracle.ulp_error(ours, truth, dtype).max().item()
+        ref = grad(lambda z, t=t: F.cross_entropy(z.float(), t, reduction="sum"), x, None)
+        torch_err[name] = oracle.ulp_error(ref, truth, dtype).max().item()
+    bound = ULPS["cross_entropy"].get(dtype, 1.0) * 2
+    assert not worst(ours_err, bound), (ours_err, torch_err)
+    assert not worst(ours_err, {k: v + TORCH_SLACK[dtype] for k, v in torch_err.items()}), (ours_err, torch_err)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_retain_graph_scaled_upstream_and_accumulation(backend, reduction):
+    """A gradient formed in forward is handed over once: a second backward recomputes it, never stale or 0."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 40, generator=gen).mul(3)
+    t = torch.randint(0, 40, (64,), generator=gen)
+    t[::5] = -100
+    w = torch.rand(40, generator=gen).add(0.5)
+    xd = x.double().requires_grad_()
+    want = F.cross_entropy(xd, t, w.double(), reduction=reduction, label_smoothing=0.1)
+    (gw,) = torch.autograd.grad(want, xd)
+    xr = x.clone().requires_grad_()
+    loss = logitkit.cross_entropy(xr, t, w, reduction=reduction, label_smoothing=0.1) * 2.5
+    loss.backward(retain_graph=True)
+    first = xr.grad.clone()
+    loss.backward()  # accumulates a recomputed gradient into .grad
+    tol = 8 * 2**-24 * gw.abs().max().item() * 2.5
+    assert (first.double() - 2.5 * gw).abs().max().item() <= tol
+    assert (xr.grad.double() - 5.0 * gw).abs().max().item() <= 2 * tol
+
+
 # The batch reductions against the oracle: a sum over rows adds its own rounding, bounded relative.
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("dtype", [F16, BF16, F32])

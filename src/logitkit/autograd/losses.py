@@ -111,8 +111,19 @@ class CrossEntropyFunction(torch.autograd.Function):
         ctx.fused_dx, ctx.consumed = None, False
         out_dtype = loss_dtype(xv.dtype)
         if not ctx.kernel:
-            loss_rows, lse, wt = ref.ce_rows(xv, target, weight, ignore_index, label_smoothing, z_loss, softcap)
-            denom = wt.sum() if reduction == "mean" else None
+            if _ref_fused_ok(ctx, xv, reduction):
+                # CPU: form the gradient in the same pass (logits read once); backward scales it by g.
+                wt = ref.target_weights(target, weight, ignore_index, out_dtype)
+                denom = wt.sum() if reduction == "mean" else None
+                scale = _row_grad(torch.ones((), dtype=out_dtype), target.shape, denom, reduction,
+                                  target != ignore_index)
+                loss_rows, lse, dx = ref.ce_fused(xv, target, weight, ignore_index, label_smoothing, z_loss,
+                                                  softcap, scale, xv.dtype)
+                ctx.fused_dx = dx
+            else:
+                loss_rows, lse, wt = ref.ce_rows(xv, target, weight, ignore_index, label_smoothing, z_loss,
+                                                 softcap)
+                denom = wt.sum() if reduction == "mean" else None
             ent = ref.entropy_rows(ref.capped(xv, softcap)) if with_entropy else xv.new_empty(0, dtype=out_dtype)
             ctx.save_for_backward(xv, target, weight, denom)
             ctx.mark_non_differentiable(lse, ent)
@@ -149,9 +160,28 @@ class CrossEntropyFunction(torch.autograd.Function):
         valid = target != ignore_index
         if torch.is_grad_enabled():
             return (_ce_double_backward(xv, target, weight, denom, ctx.opts, g, valid),) + nones
+        dx = _take_ref_fused(ctx, g)
+        if dx is not None:
+            return (dx,) + nones
         gr = _row_grad(g, target.shape, denom, reduction, valid)
         dx = ref.ce_grad(xv, target, weight, ignore_index, eps, z_loss, softcap, gr, xv.dtype)
         return (dx,) + nones
+
+
+def _ref_fused_ok(ctx, xv: Tensor, reduction: str) -> bool:
+    """Reference path: form the gradient in forward for a reduced loss of CPU logits that require grad."""
+    return reduction != "none" and ctx.needs_input_grad[0] and xv.device.type == "cpu" and xv.numel() > 0
+
+
+def _take_ref_fused(ctx, g: Tensor) -> Tensor | None:
+    """The reference path's forward-formed gradient scaled by g (a 0-d tensor), once; None: recompute."""
+    dx, ctx.fused_dx = ctx.fused_dx, None
+    if dx is None:
+        return None
+    if torch.compiler.is_compiling():
+        return dx.mul_(g.to(dx.dtype))
+    gv = float(g)  # a CPU scalar: reading it is no device sync; as a Python float it scales in fp32 opmath
+    return dx if gv == 1.0 else dx.mul_(gv)
 
 
 def _take_fused(ctx, g: Tensor, k) -> Tensor | None:

@@ -28,6 +28,9 @@ from torch import Tensor
 # Elements per block: large enough that the per-op overhead is amortised, small enough that the block's
 # few temporaries stay in a core's L2 (each element pass over an L2-resident block is several times faster).
 BLOCK_ELEMS = 1 << 16
+# The fused fast path keeps one wide (R, V) block live between three ops: larger blocks amortise the
+# per-block Python and dispatch overhead (about 40 us a block).
+FAST_BLOCK_ELEMS = 1 << 18
 
 
 def working_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -186,13 +189,15 @@ def wide_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64
 
 
-def _tiny(V: int, a: Tensor) -> Tensor:
+def _tiny(V: int, a: Tensor | float) -> Tensor | float:
     """Rows with L = log1p(r) below this get the rest sum.
 
     The fused kernel's L carries an absolute error of about (V / lanes + 1) * 2**-53 from summing next to
     the max's 1, plus |max| * 2**-53 where L is recovered as lse - max; that must stay under a quarter ulp
     of a float32 output relative to L (2**-26), so L must exceed 2**-26 (1 + V / 4 + |max|) (x 2 margin).
     """
+    if not isinstance(a, Tensor):
+        return (abs(a) + (1 + V / 4)) * 2.0**-25
     return (a.abs().nan_to_num(0.0, 0.0, 0.0) + (1 + V / 4)) * 2.0**-25
 
 
@@ -218,24 +223,6 @@ def _repair(fix: Tensor, xw: Tensor, dst: Tensor, exact) -> None:
     rows = fix.view(-1).nonzero().view(-1)
     if rows.numel():
         dst.index_copy_(0, rows, exact(xw.index_select(0, rows)))
-
-
-@torch.no_grad()
-def block_lse(x2: Tensor, ws: Workspace | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """(x in the wide dtype, max, L) of a contiguous (R, V) block: what a loss needs without the full y.
-
-    Then y_j = (x_j - max) - L for any j, accurate to the output's rounding (x - max is exact in the wide
-    dtype). Rows with a tiny L get the rest sum, as in ``block_logp``.
-    """
-    wide = wide_dtype(x2.dtype)
-    xw = x2.to(wide)
-    a = xw.amax(dim=1, keepdim=True)
-    if not fast_path(x2):
-        return xw, a, row_stats(xw, None, False, ws).L
-    L = torch.logsumexp(xw, dim=1, keepdim=True).sub_(a)  # the fused kernel, one precision up
-    # confident rows (or L lost to rounding) get the rest sum
-    _repair(L < _tiny(xw.shape[1], a), xw, L, lambda rows: row_stats(rows, None, False, ws).L)
-    return xw, a, L
 
 
 @torch.no_grad()
@@ -267,14 +254,33 @@ def block_logp(x2: Tensor, ws: Workspace | None = None) -> tuple[Tensor, Tensor]
     return y, L
 
 
+@torch.no_grad()
+def block_probs(x2: Tensor, ws: Workspace | None = None) -> tuple[Tensor, Tensor]:
+    """(softmax, L) of a contiguous (R, V) block in ``wide_dtype``: what a gradient needs, without log p.
+
+    On the fast path one fused softmax one precision up gives p (no repair needed: 1 + r is formed in the
+    wide dtype); L = -log(max p) holds to the output's rounding except for tiny L (max p = 1/(1 + r) rounds
+    r away), and those rows take the rest sum, as in ``block_logp``.
+    """
+    wide = wide_dtype(x2.dtype)
+    if not fast_path(x2):
+        s = row_stats(x2.to(wide), None, False, ws)
+        return softmax_from(s).to(wide), s.L.to(wide)
+    p = torch.softmax(x2, 1, dtype=wide)
+    L = p.amax(dim=1, keepdim=True).log_().neg_()
+    fix = L < _tiny(x2.shape[1], torch.zeros_like(L))
+    _repair(fix, x2, L, lambda rows: row_stats(rows.to(wide), None, False, ws).L)
+    return p, L
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Whole-tensor drivers over a (*lead, V) view (the softmax dim already moved last).
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _blocks(xv: Tensor, mv: Tensor | None):
+def _blocks(xv: Tensor, mv: Tensor | None, budget: int = BLOCK_ELEMS):
     lead, V = tuple(xv.shape[:-1]), xv.shape[-1]
-    for sl in iter_row_blocks(lead, V):
+    for sl in iter_row_blocks(lead, V, budget):
         yield sl, as_rows(xv[sl]), (as_rows(mv[sl]) if mv is not None else None)
 
 
@@ -289,6 +295,31 @@ def _direct_out(dst: Tensor) -> Tensor | None:
     return None
 
 
+def _fix_later(fix: Tensor, pending: list, sl) -> None:
+    """Remember a block's flagged rows (a (R, 1) bool tensor) for ``_fix_pending``: one host read per call."""
+    pending.append((sl, fix))
+
+
+def _fix_pending(pending: list, xv: Tensor, mv: Tensor | None, repair) -> None:
+    """Run ``repair(sl, x2, rows)`` for the blocks whose rows need the rest sum, after one host sync.
+
+    Eagerly only blocks with flagged rows are revisited (their (R, V) input is re-read, a few rows at most);
+    under torch.compile every block is repaired through ``torch.where``-style selection inside ``repair``.
+    """
+    if not pending:
+        return
+    if torch.compiler.is_compiling():
+        for sl, fix in pending:
+            repair(sl, _masked(as_rows(xv[sl]), None if mv is None else as_rows(mv[sl])), fix)
+        return
+    flags = torch.cat([f.view(-1) for _, f in pending])
+    if not bool(flags.any()):
+        return
+    for sl, fix in pending:
+        if bool(fix.any()):
+            repair(sl, _masked(as_rows(xv[sl]), None if mv is None else as_rows(mv[sl])), fix)
+
+
 @torch.no_grad()
 def normalize_fwd(xv: Tensor, mv: Tensor | None, log: bool, out: Tensor) -> Tensor:
     """softmax / log_softmax of every row of ``xv`` (*lead, V), written into ``out`` (same shape, any strides)."""
@@ -298,14 +329,30 @@ def normalize_fwd(xv: Tensor, mv: Tensor | None, log: bool, out: Tensor) -> Tens
     ws = Workspace()
     if fast_path(xv):
         wide = wide_dtype(xv.dtype)
-        for sl, x2, m2 in _blocks(xv, mv):
+        V = xv.shape[-1]
+        pending: list = []
+        for sl, x2, m2 in _blocks(xv, mv, FAST_BLOCK_ELEMS):
             x2 = _masked(x2, m2)
             # softmax needs no repair: 1 + r is formed in the wide dtype, and nothing is subtracted from it.
-            y = block_logp(x2, ws)[0] if log else torch.softmax(x2, 1, dtype=wide)
+            y = torch.log_softmax(x2, 1, dtype=wide) if log else torch.softmax(x2, 1, dtype=wide)
+            if log:
+                # y at the argmax is exactly -log(S) (x - max = 0 there): L = -max y, no |max| term in the
+                # threshold. NaN rows compare False and keep torch's NaN.
+                _fix_later(y.amax(dim=1, keepdim=True) > -_tiny(V, 0.0), pending, sl)
             if masked:  # a row with nothing left: softmax 0, log_softmax -inf (not torch's NaN)
                 empty = torch.isneginf(x2.amax(dim=1, keepdim=True))
                 y = torch.where(empty, -math.inf if log else 0.0, y)
             _store(out[sl], y)
+
+        def repair(sl, x2, fix):
+            dst = out[sl].reshape(-1, V)  # a view for the blocks _blocks makes of a (*lead, V) view
+            y = dst.to(wide)
+            _repair(fix, x2, y, lambda rows: log_softmax_from(row_stats(rows.to(wide), None, masked, ws)))
+            if masked:
+                y = torch.where(torch.isneginf(x2.amax(dim=1, keepdim=True)), -math.inf, y)
+            _store(out[sl], y)
+
+        _fix_pending(pending, xv, mv, repair)
         return out
     for sl, x2, m2 in _blocks(xv, mv):
         s = row_stats(x2, m2, masked, ws)
@@ -328,15 +375,24 @@ def lse_fwd(xv: Tensor, mv: Tensor | None) -> Tensor:
     ws = Workspace()
     if fast_path(xv):
         wide = wide_dtype(xv.dtype)
-        for sl, x2, m2 in _blocks(xv, mv):
+        V = xv.shape[-1]
+        pending: list = []
+        for sl, x2, m2 in _blocks(xv, mv, FAST_BLOCK_ELEMS):
             x2 = _masked(x2, m2)
-            a = x2.amax(dim=1).to(wide)
-            lse = torch.logsumexp(x2.to(wide), dim=1)
-            # lse - a recovers L only roughly, but a tiny (or lost) L is exactly what needs the rest sum.
-            fix = ((lse - a) < _tiny(x2.shape[1], a)).view(-1, 1)
-            lse1 = lse.view(-1, 1)
-            _repair(fix, x2, lse1, lambda rows: lse_of(row_stats(rows.to(wide), None, True, ws)))
+            # One fused log_softmax one precision up (cheaper than torch.logsumexp's separate passes):
+            # L = -max y, then lse = max + L with L right to the output's rounding unless L is tiny.
+            negL = torch.log_softmax(x2, 1, dtype=wide).amax(dim=1, keepdim=True)
+            a = x2.amax(dim=1, keepdim=True).to(wide)
+            lse = torch.where(torch.isinf(a), a, a - negL)
+            _fix_later(negL > -_tiny(V, 0.0), pending, sl)  # L = -max y: exact at the argmax, as above
             _store(out[sl], lse)
+
+        def repair(sl, x2, fix):
+            lse1 = out[sl].reshape(-1, 1).to(wide)
+            _repair(fix, x2, lse1, lambda rows: lse_of(row_stats(rows.to(wide), None, True, ws)))
+            _store(out[sl], lse1)
+
+        _fix_pending(pending, xv, mv, repair)
         return out
     for sl, x2, m2 in _blocks(xv, mv):
         s = row_stats(x2, m2, True, ws)
@@ -394,12 +450,13 @@ def lse_bwd(xv: Tensor, lse: Tensor, g: Tensor, mv: Tensor | None, dx: Tensor) -
     if xv.numel() == 0:
         return dx
     if fast_path(xv):
-        for sl, x2, m2 in _blocks(xv, mv):
+        wide = wide_dtype(xv.dtype)
+        for sl, x2, m2 in _blocks(xv, mv, FAST_BLOCK_ELEMS):
             x2 = _masked(x2, m2)
-            p = torch.softmax(x2, 1, dtype=wide_dtype(x2.dtype))
+            p = torch.softmax(x2, 1, dtype=wide)
             # A +inf in the row: torch's exp(x - inf) is 0 off the infinities and NaN on them.
             l2 = lse[sl].reshape(-1, 1)
-            _repair(torch.isposinf(l2), x2, p, lambda rows: torch.exp(rows.to(p.dtype) - math.inf))
+            _repair(torch.isposinf(l2), x2, p, lambda rows: torch.exp(rows.to(wide) - math.inf))
             if m2 is not None:  # nothing left in the row: no mass, gradient 0
                 p = torch.where(torch.isneginf(l2), 0.0, p)
             _store(dx[sl], p.mul_(g[sl].reshape(-1, 1).to(p.dtype)))
@@ -410,16 +467,4 @@ def lse_bwd(xv: Tensor, lse: Tensor, g: Tensor, mv: Tensor | None, dx: Tensor) -
         s = row_stats(x2, m2, masked, ws)
         p = softmax_from(s)
         _store(dx[sl], p.mul_(g[sl].reshape(-1, 1).to(p.dtype)))
-    return dx
-    wd = working_dtype(xv.dtype)
-    for sl in iter_row_blocks(tuple(xv.shape[:-1]), xv.shape[-1]):
-        x2 = as_rows(xv[sl]).to(wd)
-        l2 = lse[sl].reshape(-1, 1).to(wd)
-        g2 = g[sl].reshape(-1, 1).to(wd)
-        # exp(x - lse) of a row whose lse is -inf is 0/0: such rows have no mass, the gradient is 0.
-        l_safe = torch.where(torch.isneginf(l2), torch.zeros_like(l2), l2)
-        p = torch.exp(x2 - l_safe)
-        if mv is not None:
-            p = p.masked_fill_(~as_rows(mv[sl]), 0.0)
-        _store(dx[sl], p.mul_(g2))
     return dx

@@ -17,9 +17,13 @@ import logitkit  # noqa: E402
 
 
 def available_backends() -> list[str]:
-    """'reference' always; 'triton' where its kernels can run (CUDA, or the interpreter if asked for)."""
+    """'reference' always; 'triton' when the interpreter is asked for.
+
+    The generic tests build CPU tensors, which the kernels take only in Triton's interpreter; on a GPU machine
+    without it the kernel test files (test_triton_*.py, the CUDA cases of test_compile.py) cover CUDA tensors.
+    """
     names = ["reference"]
-    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         try:
             import triton  # noqa: F401
         except ImportError:

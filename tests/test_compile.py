@@ -9,18 +9,25 @@ torch._dynamo.config.cache_size_limit = 64
 
 X = torch.randn(4, 7)
 T = torch.tensor([0, 3, -100, 6])
+CUDA = torch.cuda.is_available()
 
-# One call per public op, with the options that take distinct code paths (mask, prob targets).
-CASES = {
-    "softmax": lambda x: logitkit.softmax(x, dim=-1),
-    "log_softmax_mask": lambda x: logitkit.log_softmax(x, dim=1, mask=x > -1),
-    "logsumexp": lambda x: logitkit.logsumexp(x, (0, 1)),
-    "cross_entropy": lambda x: logitkit.cross_entropy(x, T, label_smoothing=0.1),
-    "cross_entropy_prob": lambda x: logitkit.cross_entropy(x, torch.softmax(X, 1)),
-    "nll_loss": lambda x: logitkit.nll_loss(x, T),
-    "selective_log_softmax": lambda x: logitkit.selective_log_softmax(x, T.clamp_min(0)[:, None]),
-    "entropy": lambda x: logitkit.entropy(x),
-}
+
+def cases(X: torch.Tensor, T: torch.Tensor) -> dict:
+    """One call per public op, with the options that take distinct code paths (mask, prob targets)."""
+    P = torch.softmax(X.detach(), 1)
+    return {
+        "softmax": lambda x: logitkit.softmax(x, dim=-1),
+        "log_softmax_mask": lambda x: logitkit.log_softmax(x, dim=1, mask=x > -1),
+        "logsumexp": lambda x: logitkit.logsumexp(x, (0, 1)),
+        "cross_entropy": lambda x: logitkit.cross_entropy(x, T, label_smoothing=0.1),
+        "cross_entropy_prob": lambda x: logitkit.cross_entropy(x, P),
+        "nll_loss": lambda x: logitkit.nll_loss(x, T),
+        "selective_log_softmax": lambda x: logitkit.selective_log_softmax(x, T.clamp_min(0)[:, None]),
+        "entropy": lambda x: logitkit.entropy(x),
+    }
+
+
+CASES = cases(X, T)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -36,3 +43,48 @@ def test_fullgraph_compile(backend, name):
     (out * g).sum().backward()
     (ref * g).sum().backward()
     torch.testing.assert_close(x1.grad, x2.grad, rtol=0, atol=0)
+
+
+# On a GPU (skipped elsewhere): the kernels' torch.library ops under inductor, and CUDA-graph capture.
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("name", list(CASES))
+def test_fullgraph_compile_cuda_inductor(name):
+    xc, tc = torch.randn(64, 1000, device="cuda"), torch.randint(0, 1000, (64,), device="cuda")
+    fn = cases(xc, tc)[name]
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True)
+    x1, x2 = xc.clone().requires_grad_(), xc.clone().requires_grad_()
+    out, ref = compiled(x1), fn(x2)
+    torch.testing.assert_close(out, ref, rtol=2e-6, atol=1e-6)
+    g = torch.rand(ref.shape, device="cuda")
+    (out * g).sum().backward()
+    (ref * g).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_graph_capture_forward_and_backward(dtype):
+    """softmax, log_softmax, logsumexp and cross_entropy (fwd + bwd) replay from a captured CUDA graph."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(256, 5000, device="cuda", generator=gen).to(dtype)
+    t = torch.randint(0, 5000, (256,), device="cuda", generator=gen)
+
+    def step(z):
+        return (
+            logitkit.cross_entropy(z, t)
+            + logitkit.log_softmax(z, -1).float().mean()
+            + logitkit.softmax(z, 0).float().square().sum()
+            + logitkit.logsumexp(z, 1).float().mean()
+        )
+
+    graphed = torch.cuda.make_graphed_callables(step, (x.clone().requires_grad_(),))
+    for seed in (1, 2):
+        xs = torch.randn(256, 5000, device="cuda", generator=gen.manual_seed(seed)).to(dtype)
+        a, b = xs.clone().requires_grad_(), xs.clone().requires_grad_()
+        out = graphed(a)
+        out.backward()
+        ref = step(b)
+        ref.backward()
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-7)

@@ -129,7 +129,7 @@ def measure(args, rank: int, world: int) -> None:
             loss.backward()
         results["lce"] = c
 
-    lkd.cross_entropy(F.linear(h[:4], W_loc), t[:4])  # warm the offset cache outside the measurement
+    lkd.cross_entropy(F.linear(h[:4], W_loc), t[:4])  # warm-up outside the measurement
     mem_ce = peak_rss_bytes(sharded_ce)
     dist.barrier()
     mem_lce = peak_rss_bytes(sharded_lce)

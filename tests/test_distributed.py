@@ -3,7 +3,8 @@
 One spawn per world size (a module fixture) runs every case on every rank and reports per case; the
 parametrised tests below assert on those reports, so a failure names its case and rank.  Tolerances:
 float32 1 ulp of the single-process value, elementwise; float64 1e-12 relative (TOL below); linear
-cross-entropy against an unfused float64 F.linear + F.cross_entropy oracle (no single-device fused op yet).
+cross-entropy against an unfused float64 F.linear + F.cross_entropy oracle (and, in float64, against the
+single-device logitkit.linear_cross_entropy). A world that hangs fails after SPAWN_TIMEOUT_S.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 import os
 import socket
 import tempfile
+import time
 import traceback
 from datetime import timedelta
 
@@ -99,12 +101,7 @@ class Ctx:
     def __init__(self, rank: int, world: int):
         self.rank, self.world = rank, world
 
-        self.sizes = None
-
     def split(self, x: torch.Tensor, sizes, dim: int = -1) -> torch.Tensor:
-        if sizes != self.sizes:  # every rank switches layouts at the same point: drop the cached offsets
-            lkd.reset_shard_cache()
-            self.sizes = sizes
         start = sum(sizes[: self.rank])
         return x.narrow(dim, start, sizes[self.rank]).contiguous()
 
@@ -388,9 +385,83 @@ def _lce(ctx):
     return out
 
 
+# Every reduction x (no weight, no smoothing; smoothing; full weight + smoothing; local weight).
+LCE_PROB_OPTIONS = [
+    (r, w, ls) for r in ("mean", "sum", "none") for w, ls in ((None, 0.0), (None, 0.1), ("full", 0.1), ("local", 0.0))
+]
+
+
+@case("linear_cross_entropy_prob_targets")
+def _lce_prob(ctx):
+    """Class probabilities sharded like the classifier rows (LCE_PROB_OPTIONS). float64 against the unsharded
+    logitkit.linear_cross_entropy (1e-12 relative) and against an unfused float64 torch oracle; float32:
+    err(ours) <= err(torch's unfused fp32) + 2 eps, as above."""
+    from torch.nn import LinearCrossEntropyOptions
+
+    def grads(fn, *args):
+        leaves = [a.detach().clone().requires_grad_() for a in args]
+        y = fn(*leaves)
+        gy = torch.linspace(0.5, 1.5, y.numel(), dtype=y.dtype).reshape(y.shape)
+        return (y.detach(), *torch.autograd.grad(y, leaves, gy))
+
+    out = {}
+    M, D = 11, 6
+    for dtype in DTYPES:
+        for sizes in SPLITS[ctx.world]:
+            V = sum(sizes)
+            g = _gen("lcep")
+            h = torch.randn(M, D, generator=g, dtype=F64).to(dtype)
+            W = (torch.randn(V, D, generator=g, dtype=F64) * 0.7).to(dtype)
+            b = torch.randn(V, generator=g, dtype=F64).to(dtype)
+            q = torch.softmax(torch.randn(M, V, generator=g, dtype=F64) * 2, -1)
+            q[0] = 0.0
+            q[0, V - 1] = 1.0  # a one-hot row on the last shard
+            q = q.to(dtype)
+            cw = (torch.rand(V, generator=g, dtype=F64) + 0.5).to(dtype)
+            for red, wname, ls in LCE_PROB_OPTIONS:
+                w_ref = None if wname is None else cw
+                w_loc = {None: None, "full": cw, "local": ctx.split(cw, sizes)}[wname]
+                kw = dict(reduction=red, label_smoothing=ls)
+
+                def torch_fn(hh, ww, bb, w_ref=w_ref, kw=kw, q=q):
+                    wr = None if w_ref is None else w_ref.to(hh.dtype)
+                    return F.cross_entropy(F.linear(hh, ww, bb), q.to(hh.dtype), wr, **kw)
+
+                oracle = grads(torch_fn, h.to(F64), W.to(F64), b.to(F64))
+                torch_same = grads(torch_fn, h, W, b)
+                single = grads(
+                    lambda hh, ww, bb, w_ref=w_ref, kw=kw, q=q: logitkit.linear_cross_entropy(
+                        hh, ww, q.to(hh.dtype), linear_bias=bb, weight=w_ref, **kw),
+                    h.to(F64), W.to(F64), b.to(F64),
+                )
+                mine = grads(
+                    lambda hh, ww, bb, w_loc=w_loc, kw=kw, sizes=sizes, q=q: lkd.linear_cross_entropy(
+                        hh, ww, ctx.split(q, sizes), linear_bias=bb, weight=w_loc,
+                        options=LinearCrossEntropyOptions(batch_chunk_size=4), **kw),
+                    h, ctx.split(W, sizes, 0), ctx.split(b, sizes),
+                )
+                for j, what in enumerate(("loss", "dh", "dW", "db")):
+                    o, tq, sg, m = oracle[j], torch_same[j], single[j], mine[j]
+                    if what in ("dW", "db"):
+                        o, tq, sg = (ctx.split(t_, sizes, 0) for t_ in (o, tq, sg))
+                    if m.numel() == 0:
+                        continue
+                    scale = o.abs().max().clamp_min(1e-30)
+                    e_m = float((m.to(F64) - o).abs().max() / scale)
+                    e_t = float((tq.to(F64) - o).abs().max() / scale)
+                    allowed = TOL[F64] if dtype == F64 else e_t + 2 * torch.finfo(F32).eps
+                    tag = f"{what} {dtype}{sizes} {red} w={wname} ls={ls}"
+                    out[f"vs torch {tag}"] = e_m / allowed
+                    if dtype == F64:
+                        e_s = float((m - sg).abs().max() / sg.abs().max().clamp_min(1e-300))
+                        out[f"vs logitkit.linear_cross_entropy {tag}"] = e_s / TOL[F64]
+    return out
+
+
 @case("collectives")
 def _coll(ctx):
-    """CE: 2 all-reduces forward, none backward, bytes independent of V; softmax backward: one of M values."""
+    """CE: 2 all-reduces forward (the first call with new sizes too), none backward, bytes independent of V;
+    softmax backward: one of M values."""
     out = {}
     sizes = SPLITS[ctx.world][0]
     bytes_seen = []
@@ -400,7 +471,6 @@ def _coll(ctx):
         x = torch.randn(6, V, generator=_gen("coll"))
         t = torch.randint(0, V, (6,), generator=_gen("tc"))
         xl = ctx.split(x, sz).requires_grad_()
-        lkd.cross_entropy(xl, t)  # warm the offset cache (one all-gather)
         with lkd.CollectiveCounter() as fwd:
             loss = lkd.cross_entropy(xl, t, label_smoothing=0.1)
         with lkd.CollectiveCounter() as bwd:
@@ -441,6 +511,84 @@ def _all_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+# Shard sizes that change on rank 0 only between calls (V with them), then back: the other ranks keep their
+# size but not their offset. The old per-(group, local size) offset cache made rank 0 alone issue an
+# all-gather here (a hang) and left the others on a stale offset.
+LAYOUT_CHANGE = {2: [(5, 17), (6, 17), (5, 17)], 3: [(5, 20, 12), (6, 20, 12), (5, 20, 12)]}
+
+
+@case("sizes_change_on_one_rank")
+def _layout_change(ctx):
+    """Every op that needs class offsets, against the unsharded op, 2 all-reduces per forward throughout."""
+    from torch.nn import LinearCrossEntropyOptions
+
+    out = {}
+    for step, sizes in enumerate(LAYOUT_CHANGE[ctx.world]):
+        V, M, D = sum(sizes), 6, 5
+        if step == 2 and ctx.rank == 0:
+            lkd.reset_shard_cache()  # no longer needed; on one rank only it must change nothing
+        for dtype in DTYPES:
+            tag = f"step {step} {dtype}{sizes}"
+            x = _logits(f"lc{V}", M, V, dtype)
+            t = torch.randint(0, V, (M,), generator=_gen(f"tlc{V}"))
+            t[0], t[1], t[2] = 0, V - 1, sizes[0]  # the first class of rank 1: its offset must be the new one
+            cw = torch.rand(V, generator=_gen(f"cwlc{V}"), dtype=dtype) + 0.5
+            g = torch.tensor(0.7, dtype=dtype)
+            # Smoothing in float64 only: in float32 the target entry of a confident row's gradient with class
+            # weights, (eps / C)(W - w_t) + ..., cancels to ~3.5 ulps of the row scale, past the 2-ulp budget
+            # (layout-independent: the same with fixed sizes).
+            kw = dict(label_smoothing=0.1 if dtype == F64 else 0.0)
+            y_ref, gx_ref = _grad_through(lambda s: logitkit.cross_entropy(s, t, cw, **kw), x, g)  # noqa: B023
+            with lkd.CollectiveCounter() as c:
+                y, gx = _grad_through(lambda s: lkd.cross_entropy(s, t, cw, **kw), ctx.split(x, sizes), g)  # noqa: B023
+            out[f"ce loss {tag}"] = err(y, y_ref)
+            out[f"ce dx {tag}"] = gerr(gx, ctx.split(gx_ref, sizes), ctx.split(row_max(gx_ref), sizes)) / budget(
+                "cross_entropy", "grad", dtype
+            )
+            out[f"ce 2 all-reduces {tag}"] = float(dict(c.calls) != {"all_reduce.max": 1, "all_reduce.sum": 1})
+
+            q = torch.softmax(torch.randn(M, V, generator=_gen(f"qlc{V}"), dtype=F64), -1).to(dtype)
+            y_ref = logitkit.cross_entropy(x, q, cw, **kw)
+            y = lkd.cross_entropy(ctx.split(x, sizes), ctx.split(q, sizes), cw, **kw)
+            out[f"ce prob loss {tag}"] = err(y, y_ref)
+
+            idx = torch.stack([t, torch.full_like(t, sizes[0]), torch.full_like(t, V - 1)], 1)
+            y_ref = logitkit.selective_log_softmax(x, idx)
+            out[f"selective_log_softmax {tag}"] = err(lkd.selective_log_softmax(ctx.split(x, sizes), idx), y_ref)
+
+        # linear cross-entropy in float64 against the unsharded op: its offset guess is wrong on every step
+        h = torch.randn(M, D, generator=_gen(f"hlc{V}"), dtype=F64)
+        W = torch.randn(V, D, generator=_gen(f"wlc{V}"), dtype=F64)
+        b = torch.randn(V, generator=_gen(f"blc{V}"), dtype=F64)
+        cw = torch.rand(V, generator=_gen(f"cwlc{V}"), dtype=F64) + 0.5
+        opts = LinearCrossEntropyOptions(batch_chunk_size=4)
+        kw = dict(label_smoothing=0.1)
+        leaves = [a.clone().requires_grad_() for a in (h, W, b)]
+        ref = logitkit.linear_cross_entropy(leaves[0], leaves[1], t, linear_bias=leaves[2], weight=cw, **kw)
+        ref_g = torch.autograd.grad(ref, leaves)
+        mine_in = [t_.clone().requires_grad_() for t_ in (h, ctx.split(W, sizes, 0), ctx.split(b, sizes))]
+        with lkd.CollectiveCounter() as c:
+            loss = lkd.linear_cross_entropy(
+                mine_in[0], mine_in[1], t, linear_bias=mine_in[2], weight=cw, options=opts, **kw
+            )
+            n_fwd = c.total_calls
+            mine_g = torch.autograd.grad(loss, mine_in)
+        out[f"linear loss step {step}{sizes}"] = err(loss, ref)
+        for what, m, o in zip(("dh", "dW", "db"), mine_g, ref_g, strict=True):
+            o = o if what == "dh" else ctx.split(o, sizes, 0)
+            out[f"linear {what} step {step}{sizes}"] = float((m - o).abs().max() / o.abs().max()) / TOL[F64]
+        out[f"linear 2 + 1 all-reduces step {step}"] = float((n_fwd, c.total_calls) != (2, 3))
+        q = torch.softmax(torch.randn(M, V, generator=_gen(f"qlc{V}"), dtype=F64), -1)
+        ref = logitkit.linear_cross_entropy(h, W, q, linear_bias=b, weight=cw, **kw)
+        with lkd.CollectiveCounter() as c:
+            loss = lkd.linear_cross_entropy(
+                h, ctx.split(W, sizes, 0), ctx.split(q, sizes), linear_bias=ctx.split(b, sizes), weight=cw, **kw
+            )
+        out[f"linear prob targets loss step {step}{sizes}"] = err(loss, ref)
+        out[f"linear prob targets 2 all-reduces step {step}"] = float(c.total_calls != 2)
+    return out
+
+
 @case("dtensor")
 def _dtensor(ctx):
     from torch.distributed.device_mesh import init_device_mesh
@@ -457,20 +605,39 @@ def _dtensor(ctx):
     xr = x.clone().requires_grad_()
     ref = logitkit.cross_entropy(xr, t, label_smoothing=0.1)
     ref.backward()
+    # linear cross-entropy: the classifier rows and the class probabilities as DTensors, same chunk layout
+    h = torch.randn(5, 4, generator=_gen("hdt"), dtype=F64)
+    W = torch.randn(V, 4, generator=_gen("wdt"), dtype=F64)
+    q = torch.softmax(torch.randn(5, V, generator=_gen("qdt"), dtype=F64), -1)
+    Wd = distribute_tensor(W, mesh, [Shard(0)]).requires_grad_()
+    lin = lkd.linear_cross_entropy(h, Wd, distribute_tensor(q, mesh, [Shard(1)]), label_smoothing=0.1)
+    lin.backward()
+    Wr = W.clone().requires_grad_()
+    lin_ref = logitkit.linear_cross_entropy(h, Wr, q, label_smoothing=0.1)
+    lin_ref.backward()
     return {
         "loss": err(loss, ref),
         "grad": gerr(xd.grad.full_tensor(), xr.grad, row_max(xr.grad)),
         "log_softmax": err(y, logitkit.log_softmax(x, -1)),
+        "linear prob loss": err(lin, lin_ref),
+        "linear prob dW": float((Wd.grad.full_tensor() - Wr.grad).abs().max() / Wr.grad.abs().max()) / TOL[F64],
     }
 
 
 @case("errors")
 def _errors(ctx):
-    """User errors raise before any collective, identically on every rank."""
+    """User errors raise identically on every rank: before any collective, or (those that need the global V,
+    e.g. a target out of range) right after the first, which every rank issues alike."""
     out = {}
     x = torch.randn(3, 4)
+    V = 4 * ctx.world
     for label, fn, exc in [
-        ("target out of range", lambda: lkd.cross_entropy(x, torch.tensor([0, 1, 4 * ctx.world])), IndexError),
+        ("target out of range", lambda: lkd.cross_entropy(x, torch.tensor([0, 1, V])), IndexError),
+        ("weight neither V nor V_local", lambda: lkd.cross_entropy(x, torch.tensor([0, 1, 2]), torch.ones(V + 1)),
+         ValueError),
+        ("linear target out of range", lambda: lkd.linear_cross_entropy(x, torch.randn(4, 4), torch.tensor([0, 1, V])),
+         IndexError),
+        ("index out of range", lambda: lkd.selective_log_softmax(x, torch.tensor([[0], [1], [V]])), IndexError),
         ("dim not last", lambda: lkd.softmax(x, 0), ValueError),
         ("bad vocab_start", lambda: lkd.logsumexp(x, -1, vocab_start=-1), ValueError),
     ]:
@@ -479,6 +646,10 @@ def _errors(ctx):
             out[label] = math.inf
         except exc:
             out[label] = 0.0
+    # The ranks are still in step: every rank stopped at the same collective.
+    xf, t = torch.randn(3, V, generator=_gen("err")), torch.tensor([0, 1, V - 1])
+    y = lkd.cross_entropy(ctx.split(xf, (4,) * ctx.world), t)
+    out["a call after the errors"] = err(y, logitkit.cross_entropy(xf, t))
     return out
 
 
@@ -506,9 +677,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# A world runs all its cases in ~10 s; ranks still running after this have hung in a collective (a
+# collective issued on some ranks only): fail instead of hanging CI.
+SPAWN_TIMEOUT_S = 300
+
+
 def spawn(world: int, names: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(run_worker, args=(world, _free_port(), d, names), nprocs=world, join=True)
+        procs = mp.spawn(run_worker, args=(world, _free_port(), d, names), nprocs=world, join=False)
+        deadline = time.monotonic() + SPAWN_TIMEOUT_S
+        while not procs.join(timeout=max(1.0, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                for p in procs.processes:
+                    p.kill()
+                    p.join()
+                pytest.fail(f"the {world} ranks did not finish in {SPAWN_TIMEOUT_S} s: a collective hung")
         return {r: torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(world)}
 
 
@@ -540,9 +723,6 @@ def test_case(report, name):
 if __name__ == "__main__":  # calibration: print every case's worst errors
     for world in WORLDS:
         rep = spawn(world, list(CASES))
-        for name in CASES:
-            for rank, (status, val) in rep[world if False else rank].items() if False else []:
-                pass
         for rank, res in rep.items():
             for name, (status, val) in res.items():
                 if status != "ok":

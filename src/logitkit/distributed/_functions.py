@@ -15,10 +15,11 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .. import _validate as check
 from ..autograd.losses import loss_dtype
 from ..reference.plain import as_rows, iter_row_blocks, working_dtype
 from . import _comm
-from ._stats import ACC, Block, full_d, global_stats, row_blocks, shifted
+from ._stats import ACC, Block, full_d, global_max, global_stats, row_blocks, shifted
 
 
 def _cap_fn(softcap: float | None):
@@ -33,6 +34,31 @@ def _cap_fn(softcap: float | None):
 
 def _store(dst: Tensor, res: Tensor) -> None:
     dst.copy_(res.view(dst.shape))
+
+
+def local_class_weight(w: Tensor | None, shard: _comm.Shard) -> Tensor | None:
+    """This rank's slice of a class weight given in full (V,) or already sliced (V_local,); needs the start,
+    so it runs once the layout is known (type, shape and device were checked before any collective)."""
+    if w is None or w.shape[0] == shard.size:
+        return w
+    full = shard.V if shard.V is not None else max(w.shape[0], shard.start + shard.size)
+    if w.shape[0] != full:
+        local = f" or this rank's V_local = {shard.size}" if shard.size != full else ""
+        raise ValueError(f"weight must have V = {full} elements (one per class){local}, got {w.shape[0]}")
+    return w[shard.start : shard.start + shard.size]
+
+
+def check_classes(target: Tensor | None, V: int, ignore_index: int = -100, name: str = "input") -> None:
+    """Once V is known (the same on every rank, so every rank raises alike): V >= 1, class indices in range."""
+    if V == 0:
+        raise ValueError(f"{name} must have at least one class across the group (V >= 1)")
+    if target is not None:
+        check.target_range(target, V, ignore_index)
+
+
+def global_view(x: Tensor, V: int) -> Tensor:
+    """A stand-in of the global (*lead, V) input's shape, without memory (an expanded 0-stride view)."""
+    return torch.zeros((), dtype=x.dtype, device=x.device).expand(*x.shape[:-1], V)
 
 
 class VocabParallelSoftmaxFunction(torch.autograd.Function):
@@ -161,18 +187,33 @@ def ce_block_grad(xw, a2, L, lse2, t, w_t, g2, wl, W, opts) -> Tensor:
     return res.mul_(g2)
 
 
+def prob_block_grad(xw, a2, L, q, wl, c1, eps, C, g2) -> Tensor:
+    """d(sum_i g_i loss_i)/dx of one (R, V_local) block for class-probability targets q (working precision),
+    no collective: g (c1 p_j - w_j q'_j) with q' = (1 - eps) q + eps / C and c1 = S1 (+ the z-loss term)."""
+    q = q * (1.0 - eps) + eps / C if eps > 0.0 else q
+    wq = q * wl if wl is not None else q
+    d_hi, d_lo, _ = shifted(xw, a2)
+    p = torch.exp(full_d(d_hi, d_lo) - L)
+    return (p * c1 - wq).mul_(g2)
+
+
 class VocabParallelCrossEntropyFunction(torch.autograd.Function):
     """Class-index targets; returns (loss reduced as asked, replicated per-row lse).
 
-    Forward: all-reduce(max) of M values, then one packed all-reduce(sum) of [r, holds, nan, d_t, (w_t),
-    (sum_j w_j d_j)] per row and [(W), V_local]; backward: none.
+    Forward: all-reduce(max) of M values (+ the local sizes), then one packed all-reduce(sum) of [r, holds,
+    nan, d_t, (w_t), (sum_j w_j d_j)] per row and [V_local, (W)]; backward: none.
     """
 
     @staticmethod
-    def forward(ctx, xv, target, w_loc, ignore_index, reduction, eps, z_loss, softcap, shard, group):
+    def forward(ctx, xv, target, weight, ignore_index, reduction, eps, z_loss, softcap, shard, group):
         wd = working_dtype(xv.dtype)
-        start, size = shard.start, shard.size
         cap = _cap_fn(softcap)
+        m = global_max(xv, None, group, cap, shard)
+        shard = m.shard
+        start, size = shard.start, shard.size
+        if shard.V is not None:
+            check_classes(target, shard.V, ignore_index)
+        w_loc = local_class_weight(weight, shard)
         valid = target != ignore_index
         has_w = w_loc is not None
         wl = w_loc.to(wd) if has_w else None
@@ -196,11 +237,9 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
         scal[0] = size  # V = sum of the local sizes, for vocab_start= callers
         if has_w:
             scal[1] = wl.sum(dtype=ACC)  # W = sum of all class weights, for label smoothing
-        s = global_stats(xv, None, False, group, hook, n_cols, scal, cap)
-        C = shard.V if shard.V is not None else int(s.scalars[0])  # host sync only with vocab_start=
+        s = global_stats(xv, None, False, group, hook, n_cols, scal, cap, m)
+        C = shard.V if shard.V is not None else int(s.scalars[0])  # V travels in the sums with vocab_start=
         if shard.V is None:
-            from .. import _validate as check
-
             check.target_range(target, C, ignore_index)
         d_t = s.cols[..., 0].to(wd)
         if has_w:
@@ -270,9 +309,14 @@ class VocabParallelCrossEntropyProbFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, xv, q_loc, w_loc, reduction, eps, z_loss, softcap, shard, group):
+    def forward(ctx, xv, q_loc, weight, reduction, eps, z_loss, softcap, shard, group):
         wd = working_dtype(xv.dtype)
         cap = _cap_fn(softcap)
+        m = global_max(xv, None, group, cap, shard)
+        shard = m.shard
+        if shard.V is not None:
+            check_classes(None, shard.V)
+        w_loc = local_class_weight(weight, shard)
         wl = w_loc.to(wd) if w_loc is not None else None
 
         def hook(b: Block) -> Tensor:
@@ -289,7 +333,7 @@ class VocabParallelCrossEntropyProbFunction(torch.autograd.Function):
         scal[0] = shard.size
         if wl is not None:
             scal[1] = wl.sum(dtype=ACC)
-        s = global_stats(xv, None, False, group, hook, 2 + int(eps > 0.0), scal, cap)
+        s = global_stats(xv, None, False, group, hook, 2 + int(eps > 0.0), scal, cap, m)
         C = shard.V if shard.V is not None else int(s.scalars[0])
         W = s.scalars[1] if wl is not None else torch.tensor(float(C), dtype=ACC, device=xv.device)
         S1, S2 = (1.0 - eps) * s.cols[..., 0], (1.0 - eps) * s.cols[..., 1]
@@ -321,15 +365,13 @@ class VocabParallelCrossEntropyProbFunction(torch.autograd.Function):
         wl = w_loc.to(wd) if w_loc is not None else None
         dx = torch.empty(xv.shape, dtype=xv.dtype, device=xv.device)
         for sl, xw in row_blocks(xv, None, _cap_fn(softcap)):
-            q = as_rows(q_loc[sl]).to(wd)
-            q = q * (1.0 - eps) + eps / C if eps > 0.0 else q
-            wq = q * wl if wl is not None else q
-            d_hi, d_lo, _ = shifted(xw, a[sl].reshape(-1, 1))
-            p = torch.exp(full_d(d_hi, d_lo) - Ls[sl].reshape(-1, 1))
             c1 = S1[sl].reshape(-1, 1)
             if z_loss != 0.0:
                 c1 = c1 + 2.0 * z_loss * lse[sl].reshape(-1, 1)
-            res = (p * c1 - wq).mul_(gr[sl].reshape(-1, 1).to(wd))
+            res = prob_block_grad(
+                xw, a[sl].reshape(-1, 1), Ls[sl].reshape(-1, 1), as_rows(q_loc[sl]).to(wd), wl, c1, eps, C,
+                gr[sl].reshape(-1, 1).to(wd),
+            )
             if softcap is not None:
                 res.mul_(1.0 - (xw / softcap) ** 2)  # d/dx c tanh(x / c) = 1 - (capped / c)**2
             _store(dx[sl], res)
@@ -342,6 +384,10 @@ class VocabParallelSelectiveLogSoftmaxFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xv, index, shard, group):
         K = index.shape[-1]
+        m = global_max(xv, None, group, None, shard)
+        shard = m.shard
+        if shard.V is not None:
+            check.index_tensor(global_view(xv, shard.V), index, xv.dim() - 1)  # global indices, the global V
         start, size = shard.start, shard.size
         two = xv.dtype == torch.float32
 
@@ -354,7 +400,7 @@ class VocabParallelSelectiveLogSoftmaxFunction(torch.autograd.Function):
             return torch.cat(cols, dim=1).to(ACC)
 
         scal = torch.tensor([float(size)], dtype=ACC, device=xv.device)
-        s = global_stats(xv, None, False, group, hook, K * (1 + int(two)), scal)
+        s = global_stats(xv, None, False, group, hook, K * (1 + int(two)), scal, m=m)
         if shard.V is None:
             V = int(s.scalars[0])
             bad = (index < 0) | (index >= V)

@@ -1,12 +1,13 @@
 """Global (max, rest-sum) row statistics of a class dimension sharded across ranks: two all-reduces.
 
-Math:     pass 1: a_loc = local row max; all-reduce(max) -> a (the global max, NaN rows sent as +inf).
+Math:     pass 1: a_loc = local row max; all-reduce(max) -> a (the global max, NaN rows sent as +inf); ops
+          that need class offsets let every rank's local size ride in slots of its own (_comm.max_and_layout).
           pass 2: every rank shifts by the *global* a, so each exp(x_j - a) is bit-for-bit the single-process
           value; the rank(s) whose local max equals a drop one argmax entry from their local rest sum and
           send holds = 1; one packed all-reduce(sum) of [r_loc, holds, has_nan, per-op columns..., scalars]
           gives r = sum r_loc + (sum holds - 1): ties across ranks add back exactly 1 each, and a confident
           row's rest sum never meets the max's 1, so its loss stays 2e-9, not 0.
-Traffic:  2 all-reduces of M * (3 + k) + s values; nothing of size V crosses the network.
+Traffic:  2 all-reduces of M (+ 2 per rank) and M * (3 + k) + s values; nothing of size V crosses the network.
 Numerics: elementwise work follows reference/plain.py exactly (working precision, fp32 TwoSum shift);
           partial sums travel in float64, so the only difference from one process is the summation order
           of r (rounded once back to the working precision).
@@ -78,6 +79,37 @@ def prepare(xv: Tensor, mv: Tensor | None, cap: Callable[[Tensor], Tensor] | Non
         yield sl, xw
 
 
+class RowMax(NamedTuple):
+    """Pass 1's result: the local and the global row max, and the shard with its layout resolved."""
+
+    a_loc: Tensor  # this rank's row max (working precision); NaN rows NaN, empty shard -inf
+    a: Tensor  # the global max; +inf for NaN rows
+    shard: _comm.Shard | None
+
+
+def global_max(
+    xv: Tensor,
+    mv: Tensor | None,
+    group,
+    cap: Callable[[Tensor], Tensor] | None = None,
+    shard: _comm.Shard | None = None,
+) -> RowMax:
+    """Pass 1, the first all-reduce; it also carries the local sizes when ``shard`` has no start yet."""
+    lead, V = tuple(xv.shape[:-1]), xv.shape[-1]
+    wd = working_dtype(xv.dtype)
+    # Pass 1: local max. An empty shard has max -inf; a NaN row is sent as +inf (MAX does not order NaN).
+    a_loc = torch.full(lead, -math.inf, dtype=wd, device=xv.device)
+    if V > 0:
+        for sl, xw in prepare(xv, mv, cap):
+            a_loc[sl] = xw.amax(dim=1).view(a_loc[sl].shape)
+    a = torch.where(torch.isnan(a_loc), torch.full_like(a_loc, math.inf), a_loc)
+    if shard is None:
+        _comm.all_reduce(a, "max", group)
+    else:
+        shard = _comm.max_and_layout(a, shard, group)
+    return RowMax(a_loc, a, shard)
+
+
 def global_stats(
     xv: Tensor,
     mv: Tensor | None,
@@ -87,19 +119,17 @@ def global_stats(
     n_cols: int = 0,
     scalars: Tensor | None = None,
     cap: Callable[[Tensor], Tensor] | None = None,
+    m: RowMax | None = None,
 ) -> RowStats:
-    """The two all-reduces. ``hook`` returns (R, n_cols) float64 columns per block, summed across ranks."""
+    """The two all-reduces (only the second when pass 1's ``m`` is given, from ``global_max``). ``hook``
+    returns (R, n_cols) float64 columns per block, summed across ranks."""
     lead, V = tuple(xv.shape[:-1]), xv.shape[-1]
-    wd = working_dtype(xv.dtype)
     dev = xv.device
-    # Pass 1: local max. An empty shard has max -inf; a NaN row is sent as +inf (MAX does not order NaN).
-    a_loc = torch.full(lead, -math.inf, dtype=wd, device=dev)
-    if V > 0:
-        for sl, xw in prepare(xv, mv, cap):
-            a_loc[sl] = xw.amax(dim=1).view(a_loc[sl].shape)
+    wd = working_dtype(xv.dtype)
+    if m is None:
+        m = global_max(xv, mv, group, cap)
+    a_loc, a = m.a_loc, m.a
     has_nan = torch.isnan(a_loc)
-    a = torch.where(has_nan, torch.full_like(a_loc, math.inf), a_loc)
-    _comm.all_reduce(a, "max", group)
 
     # Pass 2: rest sums under the global shift, and the op's columns.
     k = 3 + n_cols

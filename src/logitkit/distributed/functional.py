@@ -2,9 +2,10 @@
 
 Each rank holds a contiguous slice of the classes, in rank order, slices may be uneven (even empty). The
 functions take the single-device signatures plus keyword-only ``group`` (default: the world) and
-``vocab_start`` (this rank's first class; default: one all-gather of the local sizes, cached per
-(group, local size)). A ``torch.distributed.tensor.DTensor`` sharded on the class dimension is accepted in
-place of the local slice (its device mesh dimension gives the group).
+``vocab_start`` (this rank's first class; default: found in the call's own first all-reduce, where every
+rank's local size rides along, so sizes may change on any rank between calls). A
+``torch.distributed.tensor.DTensor`` sharded on the class dimension is accepted in place of the local slice
+(its device mesh dimension gives the group).
 
 Outputs: softmax / log_softmax return this rank's slice (a DTensor for DTensor input); logsumexp, the
 losses, selective_log_softmax and entropy return the full result, identical on every rank. Backward gives
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import _validate as check
-from ._comm import Shard, shard_of
+from ._comm import shard_of
 from ._functions import (
     VocabParallelCrossEntropyFunction,
     VocabParallelCrossEntropyProbFunction,
@@ -86,7 +87,7 @@ def _normalize(name, input, dim, stacklevel, dtype, mask, log, group, vocab_star
     x = check.float_input("input", x, dtype)
     d = check.dim(dim, max(x.dim(), 1))
     _last(name, d, x.dim())
-    shard_of(group, x.shape[-1], vocab_start, x.device, need_start=False)  # validates vocab_start
+    shard_of(group, x.shape[-1], vocab_start)  # validates vocab_start
     m = check.mask(_replicated(mask), x)
     y = VocabParallelSoftmaxFunction.apply(x, m, log, group)
     return rewrap(y) if rewrap is not None else y
@@ -117,24 +118,24 @@ def logsumexp(input: Tensor, dim, keepdim: bool = False, *, mask: Tensor | None 
     if len(dims) != 1:
         raise ValueError("logsumexp: only the sharded class dimension (the last) can be reduced")
     _last("logsumexp", dims[0], x.dim())
-    shard_of(group, x.shape[-1], vocab_start, x.device, need_start=False)
+    shard_of(group, x.shape[-1], vocab_start)
     m = check.mask(_replicated(mask), x)
     out = VocabParallelLogsumexpFunction.apply(x, m, group)
     return out.unsqueeze(-1) if keepdim else out
 
 
-def _class_weight(weight, shard: Shard, x: Tensor) -> Tensor | None:
-    """The local slice of a class weight given in full (V,) or already sliced (V_local,)."""
+def class_weight_arg(weight, size: int, x: Tensor) -> Tensor | None:
+    """A class weight, full (V,) or this rank's (V_local,) slice: every check that needs no layout (type,
+    rank, dtype, device) before any collective; its length is checked, and it is sliced, once V is known."""
     if weight is None:
         return None
     w = _replicated(weight)
-    if isinstance(w, Tensor) and w.dim() == 1 and w.shape[0] == shard.size:
-        return check.class_weight(w, shard.size, x)
-    full = shard.V if shard.V is not None else (w.shape[0] if isinstance(w, Tensor) and w.dim() == 1 else -1)
-    if shard.V is None and full < shard.start + shard.size:
-        full = shard.start + shard.size  # too short to hold this rank's slice: report the size it needs
-    check.class_weight(w, full, x)
-    return w[shard.start : shard.start + shard.size]
+    if isinstance(w, Tensor) and w.dim() != 1:
+        raise ValueError(
+            f"weight must be a 1-D tensor of V elements (one per class) or this rank's V_local = {size}, "
+            f"got shape {tuple(w.shape)}"
+        )
+    return check.class_weight(w, w.shape[0] if isinstance(w, Tensor) else size, x)
 
 
 def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, size_average=None,
@@ -165,20 +166,16 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
         check.prob_target(x, q)
         if q.requires_grad:
             raise ValueError("vocab-parallel cross_entropy does not differentiate with respect to probability targets")
-        shard = shard_of(group, x.shape[cdim], vocab_start, x.device, need_start=True)
-        w = _class_weight(weight, shard, x)
+        shard = shard_of(group, x.shape[cdim], vocab_start)
+        w = class_weight_arg(weight, shard.size, x)
         loss, _ = VocabParallelCrossEntropyProbFunction.apply(
             x.movedim(cdim, -1), q.movedim(cdim, -1), w, red, eps, z, cap, shard, group
         )
         return loss
     check.integer_target(target)
     check.class_target_shape(x, target, cdim)
-    shard = shard_of(group, x.shape[cdim], vocab_start, x.device, need_start=True)
-    if shard.V is not None:
-        if shard.V == 0:
-            raise ValueError("input must have at least one class (C >= 1)")
-        check.target_range(target, shard.V, ignore_index)
-    w = _class_weight(weight, shard, x)
+    shard = shard_of(group, x.shape[cdim], vocab_start)
+    w = class_weight_arg(weight, shard.size, x)
     loss, _ = VocabParallelCrossEntropyFunction.apply(
         x.movedim(cdim, -1), target.long(), w, ignore_index, red, eps, z, cap, shard, group
     )
@@ -196,18 +193,19 @@ def selective_log_softmax(input: Tensor, index: Tensor, dim: int = -1, *, group=
     d = check.dim(dim, x.dim())
     _last("selective_log_softmax", d, x.dim())
     idx = _replicated(index)
-    shard = shard_of(group, x.shape[-1], vocab_start, x.device, need_start=True)
-    if shard.V is not None:
-        # Range-check against the global V: the local shape check would reject global indices.
-        check.index_tensor(_global_view(x, shard.V), idx, d)
-    elif not isinstance(idx, Tensor) or idx.dim() != x.dim():
-        raise ValueError("index must be a tensor with as many dimensions as input")
+    shard = shard_of(group, x.shape[-1], vocab_start)
+    if not isinstance(idx, Tensor):
+        raise TypeError(f"index must be a torch.Tensor, got {type(idx).__name__}")
+    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+        raise TypeError(f"index must be an integer tensor, got {idx.dtype}")
+    if idx.dim() != x.dim() or idx.shape[:-1] != x.shape[:-1]:
+        raise ValueError(
+            f"index of shape {tuple(idx.shape)} must match input {tuple(x.shape)} in every dimension but the last"
+        )
+    if idx.device != x.device:
+        raise ValueError(f"index is on {idx.device} but input is on {x.device}")
+    # The range needs the global V, known after the first all-reduce: checked in forward.
     return VocabParallelSelectiveLogSoftmaxFunction.apply(x, idx.long(), shard, group)
-
-
-def _global_view(x: Tensor, V: int) -> Tensor:
-    """A stand-in of the global (*lead, V) input's shape, without memory (an expanded 0-stride view)."""
-    return torch.zeros((), dtype=x.dtype, device=x.device).expand(*x.shape[:-1], V)
 
 
 def entropy(input: Tensor, dim: int = -1, *, group=None, vocab_start: int | None = None) -> Tensor:
@@ -217,5 +215,5 @@ def entropy(input: Tensor, dim: int = -1, *, group=None, vocab_start: int | None
     x = check.float_input("input", x, None)
     d = check.dim(dim, max(x.dim(), 1))
     _last("entropy", d, x.dim())
-    shard_of(group, x.shape[-1], vocab_start, x.device, need_start=False)
+    shard_of(group, x.shape[-1], vocab_start)
     return VocabParallelEntropyFunction.apply(x, group)

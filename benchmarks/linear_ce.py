@@ -2,15 +2,19 @@
 
 Providers: torch eager (F.linear + F.cross_entropy: materialises the (M, V) logits and their gradient),
 torch.compile of the same (CUDA), torch's own F.linear_cross_entropy (torch >= 2.13, chunked options), Liger's
-and cut-cross-entropy's fused linear CE (CUDA, when importable), logitkit. A provider that cannot run is skipped
-and the reason is recorded.
+and cut-cross-entropy's fused linear CE (CUDA, when importable), logitkit with its automatic strategy, and
+logitkit with each strategy forced ("logitkit token_chunks": 3 GEMMs, fp32 (V, D) dW accumulator for half
+weights; "logitkit vocab_blocks": 4 GEMMs, dW written once in the weight's dtype; the one that 'auto' picks
+for a shape is not run twice: its row says so, and the "logitkit" row's "strategy" field names it). A provider
+that cannot run is skipped and the reason is recorded.
 
 Time: median/p20/p80 of forward+backward (loss.backward() with gradients for input, weight).
 Effective TFLOP/s: 6 * M * D * V / time (the three matmuls of the unfused graph).
 Peak extra memory: on the CPU the rise of the kernel's peak RSS over the step in a fresh subprocess per
 provider (harness._memory_worker's method); on CUDA max_memory_allocated minus what was allocated before.
 
-Run:  python -m benchmarks.linear_ce [--quick] [--device cpu|cuda] [--json PATH]
+Run:  python -m benchmarks.linear_ce [--quick] [--device cpu|cuda] [--json PATH] [--shape NAME ...]
+                                    [--provider NAME ...]
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from benchmarks import harness
 # (name, M, D, V, dtype, device, quick)
 SHAPES = (
     ("cpu-issue", 2048, 512, 32000, torch.float32, "cpu", False),
+    ("cpu-issue-bf16", 2048, 512, 32000, torch.bfloat16, "cpu", False),
     ("cpu-quick", 256, 64, 4000, torch.float32, "cpu", True),
     ("llama3-8k", 8192, 4096, 128256, torch.bfloat16, "cuda", False),
     ("llama3-4k", 4096, 4096, 128256, torch.bfloat16, "cuda", False),
@@ -82,14 +87,16 @@ def _build(provider: str, device: str):
         if device != "cuda":
             return "CUDA only"
         return lambda x, W, t: f(x, W, t)
-    if provider == "logitkit":
+    if provider == "logitkit" or provider.startswith("logitkit "):
         import logitkit
 
-        return lambda x, W, t: logitkit.linear_cross_entropy(x, W, t)
+        strategy = provider.removeprefix("logitkit").strip() or "auto"
+        return lambda x, W, t: logitkit.linear_cross_entropy(x, W, t, strategy=strategy)
     raise ValueError(provider)
 
 
-PROVIDERS = ("torch", "torch.compile", "torch F.linear_cross_entropy", "liger", "cut-cross-entropy", "logitkit")
+PROVIDERS = ("torch", "torch.compile", "torch F.linear_cross_entropy", "liger", "cut-cross-entropy", "logitkit",
+             "logitkit token_chunks", "logitkit vocab_blocks")
 
 
 def _step(fn, x, W, t):
@@ -137,17 +144,25 @@ def _memory_worker(spec: str) -> None:
     print(json.dumps({"peak_extra_bytes": max(peak - before, 0), "error": None}))
 
 
-def run(device: str = "cpu", quick: bool = False, console=None) -> dict:
+def run(device: str = "cpu", quick: bool = False, console=None, shapes=None, providers=None) -> dict:
+    """Every shape of ``device`` (quick or not) and every provider; ``shapes`` / ``providers`` (names) narrow it."""
     rows = []
     for shape in SHAPES:
         name, M, D, V, dtype, dev, q = shape
-        if dev != device or q != quick:
+        if (shapes is None and (dev != device or q != quick)) or (shapes is not None and name not in shapes):
             continue
         x, W, t = _inputs(M, D, V, dtype, device)
-        for provider in PROVIDERS:
+        for provider in PROVIDERS if providers is None else providers:
             fn = _build(provider, device)
             row = {"shape": name, "M": M, "D": D, "V": V, "dtype": str(dtype).removeprefix("torch."),
                    "provider": provider}
+            if provider.startswith("logitkit"):
+                from logitkit.autograd.linear_cross_entropy import pick_strategy
+
+                auto = pick_strategy("auto", W)
+                row["strategy"] = provider.removeprefix("logitkit").strip() or auto
+                if provider == f"logitkit {auto}" and (providers is None or "logitkit" in providers):
+                    fn = f"the 'logitkit' row (strategy='auto' picks {auto} here)"
             if isinstance(fn, str):
                 rows.append({**row, "skipped": fn})
                 continue
@@ -190,10 +205,13 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", metavar="PATH")
+    p.add_argument("--shape", action="append", choices=[s[0] for s in SHAPES],
+                   help="only these named shapes (repeatable; overrides the --quick/--device selection)")
+    p.add_argument("--provider", action="append", choices=PROVIDERS, help="only these providers (repeatable)")
     args = p.parse_args(argv)
     from rich.console import Console
 
-    payload = run(args.device, args.quick, Console())
+    payload = run(args.device, args.quick, Console(), shapes=args.shape, providers=args.provider)
     for r in payload["rows"]:
         if "skipped" in r:
             print(f"{r['shape']:12s} {r['provider']:30s} skipped: {r['skipped']}")
@@ -201,7 +219,8 @@ def main(argv=None) -> int:
             mem = r.get("peak_extra_bytes")
             print(f"{r['shape']:12s} {r['provider']:30s} {r['median_ms']:9.1f} ms  {r['tflop_s']:7.3f} TFLOP/s  "
                   f"extra {'n/a' if mem is None else f'{mem / 2**20:8.0f} MiB'}  "
-                  f"x torch time {r.get('time_vs_torch', float('nan')):.2f} mem {r.get('memory_vs_torch', float('nan')):.3f}")
+                  f"x torch time {r.get('time_vs_torch', float('nan')):.2f} "
+                  f"mem {r.get('memory_vs_torch', float('nan')):.3f}")
     if args.json:
         harness.write_json(args.json, payload)
         print(f"wrote {args.json}")

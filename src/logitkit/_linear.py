@@ -13,7 +13,13 @@ from torch import Tensor
 
 from . import _config
 from . import _validate as check
-from .autograd.linear_cross_entropy import LinearCrossEntropyFunction, make_opts, token_chunk
+from .autograd.linear_cross_entropy import (
+    LinearCrossEntropyFunction,
+    make_opts,
+    pick_strategy,
+    token_chunk,
+    vocab_block,
+)
 from .reference.plain import working_dtype
 
 
@@ -26,7 +32,8 @@ class LinearCrossEntropyStats(NamedTuple):
 
 
 def _run(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, options,
-         z_loss, softcap, entropy):
+         z_loss, softcap, strategy, entropy):
+    strategy = check.linear_ce_strategy(strategy)
     check.tensor("input", input)
     check.tensor("linear_weight", linear_weight)
     check.tensor("target", target)
@@ -103,7 +110,9 @@ def _run(input, linear_weight, target, linear_bias, weight, reduction, ignore_in
     x2 = x.reshape(M, D)
     t2 = target.reshape(M, V) if prob else target.reshape(M).long()
     use_triton = _config.wants_triton(x.device.type) and x.dtype != torch.float64
-    o = make_opts(w, ii, red, eps, z, cap, token_chunk(M, V, requested), prob, entropy, use_triton)
+    chunk = token_chunk(M, V, requested)
+    o = make_opts(w, ii, red, eps, z, cap, chunk, prob, entropy, use_triton,
+                  strategy=pick_strategy(strategy, linear_weight), vblock=vocab_block(M, V, chunk))
     loss, lse, ent = LinearCrossEntropyFunction.apply(x2, linear_weight, linear_bias, t2, o)
     if red == "none":
         loss = loss.reshape(lead)
@@ -114,18 +123,28 @@ def _run(input, linear_weight, target, linear_bias, weight, reduction, ignore_in
 def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Tensor | None = None,
                          weight: Tensor | None = None, reduction: str = "mean", ignore_index: int | None = None,
                          label_smoothing: float = 0.0, options=None, z_loss: float = 0.0,
-                         softcap: float | None = None) -> Tensor:
+                         softcap: float | None = None, strategy: str = "auto") -> Tensor:
     """``cross_entropy(linear(input, linear_weight, linear_bias), target, ...)`` without the (M, V) logits.
 
     Signature, defaults and semantics of torch 2.13's ``torch.nn.functional.linear_cross_entropy``
     (``ignore_index=None`` means -100 for class indices); ``input`` may have any number of leading dims
-    ``(..., D)``; ``linear_weight`` is ``(V, D)``. Tokens are processed in chunks (``options.batch_chunk_size``
-    when given), so peak extra memory is one chunk of logits, not M * V. ``reduction='none'`` gives per-token
+    ``(..., D)``; ``linear_weight`` is ``(V, D)``. Peak extra memory is one block of logits, not M * V
+    (``options.batch_chunk_size`` tokens' worth when given). ``reduction='none'`` gives per-token
     ``-log p(target)``. Returns float32 for half inputs. Extensions: ``z_loss``, ``softcap`` (as
-    ``cross_entropy``).
+    ``cross_entropy``) and ``strategy``:
+
+    - ``'token_chunks'``: chunks of T tokens x all V classes; 3 GEMMs (6 M D V flops), gradients formed in
+      forward for 'mean'/'sum'; dW accumulates in a float32 (V, D) buffer, for fp16/bf16 weights twice the
+      weight gradient's own size (2.1 GB at V=128256, D=4096).
+    - ``'vocab_blocks'``: forward keeps per-token (max, log1p(rest)) statistics; backward goes over blocks of
+      classes with all tokens at once and writes each block of dW once, in the weight's dtype. Extra memory:
+      the gradients, one (M, Vb) logits block and a float32 (M, D) dx accumulator for half inputs; 4 GEMMs
+      (8 M D V flops). GPU timings of the two have not been measured yet.
+    - ``'auto'`` (default): ``'vocab_blocks'`` when ``linear_weight`` is fp16/bf16 and its gradient is
+      wanted, ``'token_chunks'`` otherwise (no extra buffer then, and one GEMM fewer).
     """
     loss, _, _ = _run(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing,
-                      options, z_loss, softcap, entropy=False)
+                      options, z_loss, softcap, strategy, entropy=False)
     return loss
 
 
@@ -133,8 +152,9 @@ def linear_cross_entropy_with_stats(input: Tensor, linear_weight: Tensor, target
                                     linear_bias: Tensor | None = None, weight: Tensor | None = None,
                                     reduction: str = "mean", ignore_index: int | None = None,
                                     label_smoothing: float = 0.0, options=None, z_loss: float = 0.0,
-                                    softcap: float | None = None) -> LinearCrossEntropyStats:
-    """As ``linear_cross_entropy``, also returning per-token fp32 ``lse`` and ``entropy`` (not differentiable)."""
+                                    softcap: float | None = None, strategy: str = "auto") -> LinearCrossEntropyStats:
+    """As ``linear_cross_entropy`` (``strategy`` included), also returning per-token fp32 ``lse`` and
+    ``entropy`` (not differentiable)."""
     loss, lse, ent = _run(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
-                          label_smoothing, options, z_loss, softcap, entropy=True)
+                          label_smoothing, options, z_loss, softcap, strategy, entropy=True)
     return LinearCrossEntropyStats(loss, lse, ent)

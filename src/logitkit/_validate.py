@@ -99,6 +99,15 @@ def reduction(reduction: object, size_average: object, reduce: object) -> str:
     return reduction  # type: ignore[return-value]
 
 
+LINEAR_CE_STRATEGIES = ("auto", "token_chunks", "vocab_blocks")
+
+
+def linear_ce_strategy(strategy: object) -> str:
+    if not isinstance(strategy, str) or strategy not in LINEAR_CE_STRATEGIES:
+        raise ValueError(f"strategy must be one of {LINEAR_CE_STRATEGIES}, got {strategy!r}")
+    return strategy
+
+
 def label_smoothing(eps: object) -> float:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"label_smoothing must be a float, got {type(eps).__name__}")

@@ -85,13 +85,15 @@ class LinearCrossEntropyLoss(torch.nn.Module):
     """As torch 2.13's ``torch.nn.LinearCrossEntropyLoss``: owns ``self.linear`` (no bias by default) and
     computes ``cross_entropy(self.linear(input), target)`` without materialising the logits.
 
-    Keyword-only extensions ``z_loss`` and ``softcap`` as ``logitkit.cross_entropy``.
+    Keyword-only extensions ``z_loss`` and ``softcap`` as ``logitkit.cross_entropy``, and ``strategy``
+    ('auto', 'token_chunks', 'vocab_blocks': the memory / GEMM-count trade-off of
+    ``logitkit.linear_cross_entropy``).
     """
 
     def __init__(self, in_features: int, num_classes: int, *, out_features: tuple[int, ...] = (),
                  bias: bool = False, device=None, dtype=None, reduction: str = "mean",
                  weight: Tensor | None = None, ignore_index: int | None = None, label_smoothing: float = 0.0,
-                 options=None, z_loss: float = 0.0, softcap: float | None = None) -> None:
+                 options=None, z_loss: float = 0.0, softcap: float | None = None, strategy: str = "auto") -> None:
         super().__init__()
         self.in_features, self.num_classes = in_features, num_classes
         self.out_features = tuple(out_features)
@@ -107,6 +109,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         self.options = options
         self.z_loss = z_loss
         self.softcap = softcap
+        self.strategy = strategy
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         shape = (self.num_classes, *self.out_features)
@@ -115,4 +118,4 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         return F.linear_cross_entropy(input, w, target, linear_bias=b, weight=self.weight,
                                       reduction=self.reduction, ignore_index=self.ignore_index,
                                       label_smoothing=self.label_smoothing, options=self.options,
-                                      z_loss=self.z_loss, softcap=self.softcap)
+                                      z_loss=self.z_loss, softcap=self.softcap, strategy=self.strategy)

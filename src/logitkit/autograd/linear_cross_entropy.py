@@ -161,6 +161,15 @@ def _accumulate(x: Tensor, W: Tensor, b: Tensor | None, target: Tensor, g_rows: 
             valid = tc != o.ignore_index
             w_c = o.weight.to(wd)[torch.where(valid, tc, 0)] if o.weight is not None else torch.ones_like(lse[s:e])
             wt[s:e] = torch.where(valid, w_c, 0.0)
+        elif any_grad and not o.prob:
+            # class indices: loss rows and the logits' gradient in one pass over the chunk (ref.ce_fused),
+            # rounded once to the input dtype for the matmuls, as the unfused graph does
+            g_c = torch.ones(e - s, dtype=wd, device=x.device) if g_rows is None else g_rows[s:e]
+            loss[s:e], lse[s:e], dl = ref.ce_fused(logits, tc, o.weight, o.ignore_index, o.eps, o.z_loss,
+                                                   o.softcap, g_c, x.dtype)
+            wt[s:e] = ref.target_weights(tc, o.weight, o.ignore_index, wd)
+            if ent.numel():
+                ent[s:e] = ref.entropy_rows(ref.capped(logits, o.softcap))
         else:
             rows, l_c, w_c = _chunk_rows(logits, tc, o)
             loss[s:e], lse[s:e], wt[s:e] = rows, l_c, w_c

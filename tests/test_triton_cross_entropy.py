@@ -397,6 +397,40 @@ def test_force_hook_reaches_the_looped_path():
             pass
 
 
+def test_every_launch_asks_for_unfused_non_ftz_math(monkeypatch):
+    """No fma contraction and no FTZ libdevice on the GPU, where the interpreter cannot show them (see the test of
+    the same name in test_triton_softmax.py): a loss equal to a subnormal rest sum needs log1p(r) = r."""
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    strict = {"enable_fp_fusion": False, "enable_reflect_ftz": False}
+    assert set(strict) <= set(CUDAOptions.__dataclass_fields__)
+    seen = []
+    cls = type(kernels._selective_bwd_kernel)  # a plain jit kernel (others are wrapped by triton.heuristics)
+    run = cls.run
+
+    def recording_run(self, *args, **kwargs):
+        seen.append((self.fn.__name__, kwargs))
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "run", recording_run)
+    x, t, w = _inputs(F32, seed=5)
+    idx = torch.randint(0, V, (M, 2), device=DEV)
+    for path in PATHS:
+        with _path(path):
+            st = kernels.ce_fwd(x, t, weight=w, label_smoothing=0.1, with_grad=True)
+            kernels.grad_scale_(st.dx, torch.full((1,), 2.0, device=DEV))
+            kernels.ce_prob_fwd(x, torch.softmax(x.float(), 1), with_grad=True)
+            out, a, r = kernels.selective_fwd(x, idx)
+            kernels.selective_bwd(x, idx, torch.ones_like(out), a, r)
+            h, a, r = kernels.entropy_fwd(x)
+            kernels.entropy_bwd(x, torch.ones_like(h), h, a, r)
+    assert {name for name, _ in seen} == {"_ce_fwd_kernel", "_ce_prob_fwd_kernel", "_grad_scale_kernel",
+                                          "_selective_fwd_kernel", "_selective_bwd_kernel", "_entropy_fwd_kernel",
+                                          "_entropy_bwd_kernel"}
+    for name, kwargs in seen:
+        assert {k: kwargs.get(k) for k in strict} == strict, name
+
+
 # torch.library: every registered cross-entropy op passes opcheck (schema incl. declared mutations, fake impl,
 # autograd registration, AOT dispatch), and a fullgraph compile of the public ops on the triton path captures
 # the kernels as opaque nodes, forward and backward, with the same values and gradients as eager.

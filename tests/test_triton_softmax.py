@@ -278,6 +278,46 @@ def test_out_variants_write_into_given_buffers():
     assert torch.equal(out, kernels.softmax_fwd(x, 1))
 
 
+# The interpreter rounds every + - * on its own and its log1p keeps subnormal inputs; on the GPU that takes
+# enable_fp_fusion=False (Triton 3.6-3.9 contract a * b + c into fma by default, which breaks _lib's two_prod /
+# two_sum) and enable_reflect_ftz=False (libdevice's default FTZ log1p returns 0 for a subnormal rest sum).
+# Neither shows in the interpreter, so check that every launch asks for both and that Triton knows the names
+# (its backends drop unknown options silently).
+STRICT_FP = {"enable_fp_fusion": False, "enable_reflect_ftz": False}
+
+
+def _record_launches(monkeypatch, kernel):
+    """(kernel name, launch kwargs) of every launch: JITFunction.run on CUDA, InterpretedFunction.run else."""
+    seen = []
+    cls = type(kernel)
+    run = cls.run
+
+    def recording_run(self, *args, **kwargs):
+        seen.append((self.fn.__name__, kwargs))
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "run", recording_run)
+    return seen
+
+
+def test_every_launch_asks_for_unfused_non_ftz_math(monkeypatch):
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    assert set(STRICT_FP) <= set(CUDAOptions.__dataclass_fields__)
+    seen = _record_launches(monkeypatch, kernels._softmax_fwd_kernel)
+    x = torch.randn(3, 37, device=DEVICE)
+    for regime, blocks in REGIMES.items():
+        with _tuning.force_softmax(regime, **blocks):
+            y = kernels.softmax_fwd(x, 1, log=True)
+            kernels.softmax_bwd(y, torch.randn_like(y), 1, log=True)
+            lse = kernels.logsumexp_fwd(x, 1)
+            kernels.logsumexp_bwd(x, lse, torch.ones_like(lse), 1)
+    assert {name for name, _ in seen} == {"_state_kernel", "_lse_combine_kernel", "_softmax_fwd_kernel",
+                                          "_softmax_bwd_kernel"}
+    for name, kwargs in seen:
+        assert {k: kwargs.get(k) for k in STRICT_FP} == STRICT_FP, name
+
+
 # torch.library: the four ops pass opcheck (schema, fake impl, dispatch) and a fullgraph compile of the
 # autograd.Functions on the triton path captures them without a graph break, forward and backward.
 def test_library_opcheck():

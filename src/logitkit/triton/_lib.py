@@ -12,6 +12,7 @@ Names (keep stable):
   finish_lse(a, r)                a + log1p(r) with the special rows: -inf, +inf, NaN
   The kernels carry the rest sum scaled (R = 2**64 r, so subnormal terms keep their bits): tile_state_scaled,
   merge_state_scaled, merge_state_comp, combine_states_scaled, finish_lse_scaled, exp_scaled* (below).
+  FP_OPTIONS                      launch options every kernel using these helpers passes (``**FP_OPTIONS``)
 """
 
 import triton
@@ -24,6 +25,16 @@ from .._config import interpreter_enabled
 _INTERPRETED = interpreter_enabled()
 if not _INTERPRETED:
     from triton.language.extra import libdevice
+
+# Compile options for every launch (the interpreter ignores them), so the GPU rounds as the interpreter does:
+# - enable_fp_fusion=False: each + - * rounded on its own.  Triton 3.6-3.9 contract a * b + c into one fma by
+#   default (3.9 warns that 3.10 turns it off), which breaks the error-free transformations below: two_prod's
+#   split collapses (ah = a) and two_sum(s, a * b) takes the unrounded product, 1/4 ulp per compensated merge.
+# - enable_reflect_ftz=False: libdevice's non-flushing paths (Triton's default is the FTZ variant), else
+#   log1p_acc(r) is 0 for subnormal r, the loss / -log_softmax of a confident row at its maximum.
+# libdevice's own fma calls are explicit and stay fused.  Both are CUDA options in Triton 3.6-3.9 (a backend
+# drops the options it does not know: HIP has no enable_reflect_ftz).
+FP_OPTIONS = {"enable_fp_fusion": False, "enable_reflect_ftz": False}
 
 
 @triton.jit
@@ -310,7 +321,7 @@ def two_sum(a, b):
 @triton.jit
 def two_prod(a, b):
     """(p, e) with p + e == a b exactly unless a product half under/overflows (Dekker; without FMA, which the
-    interpreter does not round once; fusing would not change it: every partial product is exact)."""
+    interpreter does not round once).  Needs FP_OPTIONS: contracted, ca - (ca - a) becomes a and the split is gone."""
     p = a * b
     ca = a * 4097.0
     ah = ca - (ca - a)

@@ -76,7 +76,7 @@ def force_softmax(regime: str | None = None, *, block_n: int | None = None, bloc
         _override.reset(token)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 

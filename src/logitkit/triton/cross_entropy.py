@@ -39,6 +39,7 @@ from torch import Tensor
 
 from . import _tuning
 from ._lib import (
+    FP_OPTIONS,
     TWO_64,
     TWO_M64,
     div_rn,
@@ -63,8 +64,8 @@ def _block_config(V: int, device_type: str) -> tuple[int, int]:
 
 # ---------------------------------------------------------------------------------------------------------
 # Row state helpers.  Generic pieces (TwoSum, accurate exp / log1p / tanh / division, the interpreter's
-# rounding casts) come from _lib.py.  The state differs from _lib's tile_state_scaled / merge_state_scaled in one way: the
-# rest sum is carried scaled, R = 2**64 r (exact), with terms from exp_scaled, because these kernels return
+# rounding casts) come from _lib.py.  The state differs from _lib's tile_state_scaled / merge_state_scaled in
+# one way: the rest sum is carried scaled, R = 2**64 r (exact), with terms from exp_scaled, because these kernels return
 # fp32 losses whose targets hold down to subnormal values (a confident row's loss is r itself): unscaled, every
 # term below e**-87 would be rounded to a multiple of 2**-149 before the sum (NUMERICS.md underflow family).
 # Empty state (-inf, 0); a NaN in the row makes R NaN and it stays NaN through merges.
@@ -76,7 +77,7 @@ def _load_row_block(x_ptr, cols, mask, cap, HAS_CAP: tl.constexpr):
     """A block of logits in fp32, -inf past the row end, softcapped when asked."""
     x = to_f32(tl.load(x_ptr + cols, mask=mask, other=float("-inf")))
     if HAS_CAP:
-        x = tl.where(mask, cap * tanh_acc(x / cap), float("-inf"))
+        x = tl.where(mask, cap * tanh_acc(div_rn(x, cap)), float("-inf"))
     return x
 
 
@@ -182,7 +183,7 @@ def _ce_block(x, cols, mask, t, valid, a_ref, r, L, w_ptr, c1, hard, eps_over_v,
     g = tl.where(cols == t, at_t, g)
     g = tl.where(valid, g, 0.0)
     if HAS_CAP:
-        q = x / cap
+        q = div_rn(x, cap)
         g = g * (1.0 - q * q)  # d/dx cap tanh(x / cap) = 1 - tanh^2
     return g, swd, spd
 
@@ -211,7 +212,7 @@ def _ce_fwd_kernel(
     # the target logit is read before any gradient store: dx may alias x (inplace_backward)
     x_t = to_f32(tl.load(x_row + t))
     if HAS_CAP:
-        x_t = cap * tanh_acc(x_t / cap)
+        x_t = cap * tanh_acc(div_rn(x_t, cap))
 
     if SINGLE:
         cols = tl.arange(0, BLOCK_V)
@@ -230,7 +231,7 @@ def _ce_fwd_kernel(
         W = to_f32(tl.load(wsum_ptr))
     else:
         W = V * 1.0
-    eps_over_v = eps / V
+    eps_over_v = div_rn(eps, V * 1.0)
     hard = (1.0 - eps) * w_t
     c1 = hard
     if HAS_EPS:
@@ -243,7 +244,7 @@ def _ce_fwd_kernel(
     if HAS_G:
         s = s * to_f32(tl.load(g_ptr + row * stride_g_m))
     if HAS_DENOM:
-        s = s / to_f32(tl.load(denom_ptr))
+        s = div_rn(s, to_f32(tl.load(denom_ptr)))
     s = tl.where(valid, s, 0.0)
 
     swd = 0.0
@@ -292,7 +293,7 @@ def _ce_fwd_kernel(
 def _ce_prob_wy(y_row, w_ptr, cols, mask, eps, V, HAS_W: tl.constexpr, HAS_EPS: tl.constexpr):
     y = to_f32(tl.load(y_row + cols, mask=mask, other=0.0))
     if HAS_EPS:
-        y = tl.where(mask, y * (1.0 - eps) + eps / V, 0.0)
+        y = tl.where(mask, y * (1.0 - eps) + div_rn(eps, V * 1.0), 0.0)
     if HAS_W:
         y = y * to_f32(tl.load(w_ptr + cols, mask=mask, other=0.0))
     return y
@@ -308,7 +309,7 @@ def _ce_prob_block(x, wy, mask, a_ref, r, L, c1, cap, HAS_CAP: tl.constexpr, EXA
     spd = tl.sum(tl.where(p > 0.0, p * d, 0.0), axis=0)
     g = c1 * p - wy
     if HAS_CAP:
-        q = x / cap
+        q = div_rn(x, cap)
         g = g * (1.0 - q * q)
     return g, swyd, spd
 
@@ -357,7 +358,7 @@ def _ce_prob_fwd_kernel(
     if HAS_G:
         s = s * to_f32(tl.load(g_ptr + row * stride_g_m))
     if HAS_DENOM:
-        s = s / to_f32(tl.load(denom_ptr))
+        s = div_rn(s, to_f32(tl.load(denom_ptr)))
 
     if SINGLE:
         g, swyd, spd = _ce_prob_block(x, wy, mask, a_ref, r, L, c1, cap, HAS_CAP, EXACT)
@@ -581,7 +582,7 @@ def ce_fwd_out(
         V, ignore_index, float(label_smoothing), float(z_loss), float(softcap or 1.0),
         BLOCK_V=block, HAS_EPS=label_smoothing > 0.0, HAS_Z=z_loss != 0.0, HAS_CAP=softcap is not None,
         WRITE_GRAD=dx is not None, WRITE_LOSS=write_loss, HAS_ENT=entropy is not None,
-        num_warps=warps, **_flags(x, softcap),
+        num_warps=warps, **_flags(x, softcap), **FP_OPTIONS,
     )
 
 
@@ -640,7 +641,7 @@ def ce_prob_fwd_out(
         V, float(label_smoothing), float(z_loss), float(softcap or 1.0),
         BLOCK_V=block, HAS_EPS=label_smoothing > 0.0, HAS_Z=z_loss != 0.0, HAS_CAP=softcap is not None,
         WRITE_GRAD=dx is not None, WRITE_LOSS=loss is not None, HAS_ENT=entropy is not None,
-        num_warps=warps, **_flags(x, softcap),
+        num_warps=warps, **_flags(x, softcap), **FP_OPTIONS,
     )
 
 
@@ -668,7 +669,7 @@ def grad_scale_(dx: Tensor, g: Tensor) -> Tensor:
     if dx.numel() == 0:
         return dx
     block = min(triton.next_power_of_2(V), 4096 if dx.device.type == "cuda" else 1024)
-    _grad_scale_kernel[(M, triton.cdiv(V, block))](dx, dx.stride(0), g.reshape(1), V, BLOCK=block)
+    _grad_scale_kernel[(M, triton.cdiv(V, block))](dx, dx.stride(0), g.reshape(1), V, BLOCK=block, **FP_OPTIONS)
     return dx
 
 
@@ -686,7 +687,7 @@ def selective_fwd(x: Tensor, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     block, warps = _block_config(V, x.device.type)
     _selective_fwd_kernel[(M,)](
         x, x.stride(0), index, index.stride(0), out, out.stride(0), a, r, V, K,
-        BLOCK_V=block, num_warps=warps, EXACT=x.dtype == torch.float32,
+        BLOCK_V=block, num_warps=warps, EXACT=x.dtype == torch.float32, **FP_OPTIONS,
     )
     return out, a, r
 
@@ -702,7 +703,7 @@ def selective_bwd(x: Tensor, index: Tensor, g: Tensor, a: Tensor, r: Tensor) -> 
     block, warps = _block_config(V, x.device.type)
     _selective_bwd_kernel[(M,)](
         x, x.stride(0), index, index.stride(0), g, g.stride(0), a, r, dx, dx.stride(0), V, K,
-        BLOCK_V=block, num_warps=warps, EXACT=x.dtype == torch.float32,
+        BLOCK_V=block, num_warps=warps, EXACT=x.dtype == torch.float32, **FP_OPTIONS,
     )
     return dx
 
@@ -718,7 +719,7 @@ def entropy_fwd(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     block, warps = _block_config(V, x.device.type)
     _entropy_fwd_kernel[(M,)](
         x, x.stride(0), h, a, r, V,
-        BLOCK_V=block, num_warps=warps, EXACT=x.dtype == torch.float32,
+        BLOCK_V=block, num_warps=warps, EXACT=x.dtype == torch.float32, **FP_OPTIONS,
     )
     return h, a, r
 
@@ -731,6 +732,6 @@ def entropy_bwd(x: Tensor, g: Tensor, h: Tensor, a: Tensor, r: Tensor) -> Tensor
     block, warps = _block_config(V, x.device.type)
     _entropy_bwd_kernel[(M,)](
         x, x.stride(0), g.contiguous(), h, a, r, dx, dx.stride(0), V,
-        BLOCK_V=block, num_warps=warps, EXACT=x.dtype == torch.float32,
+        BLOCK_V=block, num_warps=warps, EXACT=x.dtype == torch.float32, **FP_OPTIONS,
     )
     return dx

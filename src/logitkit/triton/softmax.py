@@ -29,6 +29,7 @@ from torch import Tensor
 from ..reference import plain
 from . import _tuning
 from ._lib import (
+    FP_OPTIONS,
     TWO_64,
     TWO_M64,
     combine_states_scaled,
@@ -366,7 +367,7 @@ def _states(x, dim, mask, cfg, R, N, K, lse_out):
     _state_kernel[_grid(cfg, R)](
         xv, m, lse_out, ws, R, N, K, sx_p, sx_n, sx_k, sm_p, sm_n, sm_k, cfg.segment, cfg.split,
         HAS_MASK=mask is not None, EXACT=x.dtype == torch.float32, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-        num_warps=cfg.num_warps,
+        num_warps=cfg.num_warps, **FP_OPTIONS,
     )
     return ws
 
@@ -387,7 +388,7 @@ def _normalise_launch(x: Tensor, dim: int, mask: Tensor | None, log: bool, out: 
         cfg.segment, cfg.split, LOG=log, HAS_MASK=mask is not None, EXACT=x.dtype == torch.float32,
         ONE_TILE=cfg.regime == "row", FROM_WS=cfg.regime == "split", SCALE_G=g is not None,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_S=triton.next_power_of_2(cfg.split),
-        num_warps=cfg.num_warps,
+        num_warps=cfg.num_warps, **FP_OPTIONS,
     )
     return out
 
@@ -429,7 +430,8 @@ def logsumexp_fwd(x: Tensor, dim: int, *, mask: Tensor | None = None) -> Tensor:
         BLOCK_S = triton.next_power_of_2(cfg.split)
         BLOCK_M = max(1, min(128, 4096 // BLOCK_S))
         _lse_combine_kernel[(triton.cdiv(R, BLOCK_M),)](
-            ws, out, R, cfg.split, EXACT=x.dtype == torch.float32, BLOCK_M=BLOCK_M, BLOCK_S=BLOCK_S, num_warps=4
+            ws, out, R, cfg.split, EXACT=x.dtype == torch.float32, BLOCK_M=BLOCK_M, BLOCK_S=BLOCK_S, num_warps=4,
+            **FP_OPTIONS,
         )
     return out
 
@@ -456,7 +458,7 @@ def softmax_bwd_out(y: Tensor, g: Tensor, dim: int, *, mask: Tensor | None = Non
     args = (R, N, K, sy_p, sy_n, sy_k, sg_p, sg_n, sg_k, sm_p, sm_n, sm_k, sd_p, sd_n, sd_k, cfg.segment, cfg.split)
     meta = dict(LOG=log, HAS_MASK=mask is not None, EXACT=y.dtype == torch.float32, ONE_TILE=cfg.regime == "row",
                 BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_S=triton.next_power_of_2(cfg.split),
-                num_warps=cfg.num_warps)
+                num_warps=cfg.num_warps, **FP_OPTIONS)
     if cfg.regime == "split":
         ws = torch.empty((2, R, cfg.split), dtype=torch.float32, device=y.device)
         _softmax_bwd_kernel[_grid(cfg, R)](yv, gv, m, dv, ws, *args, PHASE=1, **meta)

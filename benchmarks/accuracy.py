@@ -10,10 +10,18 @@ float32 for fp16/bf16 logits (NUMERICS.md), so its errors there are float32 ulps
 logsumexp: near lse = 0 an ulp count is meaningless (the ulp shrinks with y while the error scales with the
 inputs), so its per-row error is the oracle's mixed metric ``err / max(ulp(y), eps * sum_i p_i |x_i|)``
 (``oracle.lse_error``): the ulp error away from 0, scaled by the condition number near 0.
+
+Families: NUMERICS.md's finite ones (``oracle.input_families``) and the special-value ones
+(``oracle.special_families``: -inf among finite values; rows with +inf, NaN, only -inf, all -inf but one).
+Special values must match exactly: ``oracle.ulp_error`` counts an equal NaN/inf as 0 and a special value on one
+side only as inf, so a cell passes only if every special output is torch's and every finite one is within its
+target.  Cross-entropy targets are uniform on the finite families; on the special ones they sit on finite
+entries except for one deliberate -inf target (loss +inf, as torch; ``oracle.cross_entropy_targets``).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -152,8 +160,15 @@ def run(*, quick: bool, console: Console, seed: int = 0) -> dict:
         for dtype, V, M in work:
             progress.update(task, description=f"accuracy {_dtype_name(dtype)} V={V}")
             gen = torch.Generator().manual_seed(seed + V)
-            for family, x in oracle.input_families(dtype, V, M, seed):
-                target_idx = torch.randint(0, max(V, 1), x.shape[:-1], generator=gen)
+            families = itertools.chain(
+                ((f, x, True) for f, x in oracle.input_families(dtype, V, M, seed)),
+                ((f, x, False) for f, x in oracle.special_families(dtype, V, M, seed)),
+            )
+            for family, x, finite in families:
+                if finite:
+                    target_idx = torch.randint(0, max(V, 1), x.shape[:-1], generator=gen)
+                else:
+                    target_idx = oracle.cross_entropy_targets(x, gen)
                 softmax_truth = oracle.softmax(x, -1)
                 for op in OPS:
                     truth = softmax_truth if op == "softmax" else _truth(oracle, op, x, target_idx)

@@ -11,7 +11,21 @@ from hypothesis import strategies as st
 
 import logitkit
 from _tolerances import F64_PARITY, REDUCED_REL_EPS, TORCH_SLACK, ULPS
-from _util import BF16, F16, F32, F64, LENGTHS, TARGET_DTYPES, grad, rows_for, worst
+from _util import (
+    BF16,
+    F16,
+    F32,
+    F64,
+    LENGTHS,
+    TARGET_DTYPES,
+    all_families,
+    grad,
+    layout_rows,
+    rows_for,
+    same_bits,
+    strict_specials,
+    worst,
+)
 from logitkit.reference import oracle
 
 
@@ -76,40 +90,66 @@ def test_headline(backend):
     assert abs(gx.double().sum().item()) <= 2 * oracle.ulp(truth[0, 0], F32).item()
 
 
-# Per-row losses (reduction='none') on every family and row length; half inputs give float32 losses.
+def family_targets(x, gen):
+    """Class targets for the rows of ``x``: uniform, the first row at its max (the confident row: the loss is L
+    alone).  Rows with special values: on finite entries, and one deliberate -inf target (loss +inf, as torch)."""
+    if not torch.isfinite(x).all():
+        return oracle.cross_entropy_targets(x, gen)
+    t = torch.randint(0, x.shape[1], (x.shape[0],), generator=gen)
+    t[0] = x[0].double().argmax()
+    return t
+
+
+def families_with_targets(dtype, V, M, seed, gen):
+    """(name, logits, targets) over every family, the special-value ones included."""
+    for name, x in all_families(dtype, V, M, seed):
+        yield name, x, family_targets(x, gen)
+
+
+# Per-row losses (reduction='none') on every family and row length; half inputs give float32 losses.  Special
+# values exactly: NaN for rows with NaN, +inf or only -inf; +inf for a -inf logit at the target.
 @pytest.mark.parametrize("V", LENGTHS)
 @pytest.mark.parametrize("dtype", TARGET_DTYPES)
 def test_accuracy_on_families(backend, dtype, V):
     gen = torch.Generator().manual_seed(V)
     ours_err, torch_err = {}, {}
-    for name, x in oracle.input_families(dtype, V, M=rows_for(V), seed=V):
-        t = torch.randint(0, V, (x.shape[0],), generator=gen)
-        t[0] = x[0].double().argmax()  # the confident row: the loss is L alone
+    for name, x, t in families_with_targets(dtype, V, rows_for(V), V, gen):
         truth = oracle.cross_entropy(x, t, reduction="none")
         ours = logitkit.cross_entropy(x, t, reduction="none")
+        theirs = F.cross_entropy(x.float(), t, reduction="none")
         assert ours.dtype == F32
-        ours_err[name] = oracle.ulp_error(ours, truth, F32).max().item()
-        torch_err[name] = oracle.ulp_error(F.cross_entropy(x.float(), t, reduction="none"), truth, F32).max().item()
+        ours_err[name] = strict_specials(oracle.ulp_error(ours, truth, F32), ours, truth).max().item()
+        torch_err[name] = strict_specials(oracle.ulp_error(theirs, truth, F32), theirs, truth).max().item()
     assert not worst(ours_err, ULPS["cross_entropy"][F32]), (ours_err, torch_err)
     assert not worst(ours_err, {k: v + TORCH_SLACK[F32] for k, v in torch_err.items()}), (ours_err, torch_err)
 
 
-# Gradients per row on every family: softmax off target, -r / (1 + r) at it, in ulps of the input dtype.
+def gradient_targets(x, gen):
+    """Targets for the gradient tests: the max of odd rows (the cancelling case), uniform on even rows; rows with
+    special values as family_targets (a -inf target: gradient -1 there, softmax elsewhere, as torch)."""
+    if not torch.isfinite(x).all():
+        return oracle.cross_entropy_targets(x, gen)
+    t = x.double().argmax(1)
+    t[::2] = torch.randint(0, x.shape[1], t[::2].shape, generator=gen)
+    return t
+
+
+# Gradients per row on every family: softmax off target, -r / (1 + r) at it, in ulps of the input dtype;
+# NaN rows exactly (NaN, +inf or only -inf logits), 0 at -inf logits off the target.
 @pytest.mark.parametrize("V", [2, 33, 1025])  # the headline length, a short odd row, one past a power of two
 @pytest.mark.parametrize("dtype", TARGET_DTYPES)
 def test_backward_random_upstream(backend, dtype, V):
     gen = torch.Generator().manual_seed(V)
     ours_err, torch_err = {}, {}
-    for name, x in oracle.input_families(dtype, V, M=rows_for(V), seed=V):
-        t = x.double().argmax(1)  # target at the max: the cancelling case
-        t[::2] = torch.randint(0, V, t[::2].shape, generator=gen)
+    for name, x in all_families(dtype, V, M=rows_for(V), seed=V):
+        t = gradient_targets(x, gen)
         go = torch.rand(x.shape[0], generator=gen, dtype=F64).float()
         truth = oracle.cross_entropy_bwd(x, t, go, reduction="none")
         ours = grad(lambda z, t=t: logitkit.cross_entropy(z, t, reduction="none"), x, go)
         assert ours.dtype == dtype
-        ours_err[name] = oracle.ulp_error(ours, truth, dtype).max().item()
+        ours_err[name] = strict_specials(oracle.ulp_error(ours, truth, dtype), ours, truth, x).max().item()
         ref = grad(lambda z, t=t: F.cross_entropy(z.float(), t, reduction="none"), x, go)
-        torch_err[name] = oracle.ulp_error(ref, truth, dtype).max().item()
+        torch_err[name] = strict_specials(oracle.ulp_error(ref, truth, dtype), ref, truth, x).max().item()
     bound = ULPS["cross_entropy"].get(dtype, 1.0) * 2  # two roundings: the fp32 gradient, then the dtype
     assert not worst(ours_err, bound), (ours_err, torch_err)
     assert not worst(ours_err, {k: v + TORCH_SLACK[dtype] for k, v in torch_err.items()}), (ours_err, torch_err)
@@ -121,15 +161,15 @@ def test_backward_random_upstream(backend, dtype, V):
 def test_forward_formed_gradient_on_families(backend, dtype, V):
     gen = torch.Generator().manual_seed(V + 1)
     ours_err, torch_err = {}, {}
-    for name, x in oracle.input_families(dtype, V, M=rows_for(V), seed=V):
-        t = x.double().argmax(1)
-        t[::2] = torch.randint(0, V, t[::2].shape, generator=gen)
+    for name, x in all_families(dtype, V, M=rows_for(V), seed=V):
+        t = gradient_targets(x, gen)
         ones = torch.ones(x.shape[0], dtype=F32)
         truth = oracle.cross_entropy_bwd(x, t, ones, reduction="none")
+        # A NaN (or +inf) loss in the sum must not leak into the other rows' gradients.
         ours = grad(lambda z, t=t: logitkit.cross_entropy(z, t, reduction="sum"), x, None)
-        ours_err[name] = oracle.ulp_error(ours, truth, dtype).max().item()
+        ours_err[name] = strict_specials(oracle.ulp_error(ours, truth, dtype), ours, truth, x).max().item()
         ref = grad(lambda z, t=t: F.cross_entropy(z.float(), t, reduction="sum"), x, None)
-        torch_err[name] = oracle.ulp_error(ref, truth, dtype).max().item()
+        torch_err[name] = strict_specials(oracle.ulp_error(ref, truth, dtype), ref, truth, x).max().item()
     bound = ULPS["cross_entropy"].get(dtype, 1.0) * 2
     assert not worst(ours_err, bound), (ours_err, torch_err)
     assert not worst(ours_err, {k: v + TORCH_SLACK[dtype] for k, v in torch_err.items()}), (ours_err, torch_err)
@@ -238,25 +278,40 @@ def test_legacy_size_average_reduce(backend, size_average, reduce, expected):
     torch.testing.assert_close(ours, F.cross_entropy(x, t, reduction=expected), **F64_PARITY)
 
 
-def test_kdim_equals_flattened_bit_for_bit(backend):
-    x = torch.randn(2, 7, 3, 4)
-    t = torch.randint(0, 7, (2, 3, 4))
-    ours = logitkit.cross_entropy(x, t, reduction="none")
-    flat = logitkit.cross_entropy(x.movedim(1, -1).reshape(-1, 7), t.reshape(-1), reduction="none")
-    assert torch.equal(ours, flat.view(2, 3, 4))
-    g = torch.rand(2, 3, 4)
-    gk = grad(lambda z: logitkit.cross_entropy(z, t, reduction="none"), x, g)
-    gf = grad(
-        lambda z: logitkit.cross_entropy(z, t.reshape(-1), reduction="none"),
-        x.movedim(1, -1).reshape(-1, 7),
-        g.reshape(-1),
-    )
-    assert torch.equal(gk, gf.view(2, 3, 4, 7).movedim(-1, 1))
-    nc = torch.randn(7, 6).t()  # non-contiguous (6, 7)
-    tt = torch.randint(0, 7, (6,))
-    assert torch.equal(
-        logitkit.cross_entropy(nc, tt, reduction="none"), logitkit.cross_entropy(nc.contiguous(), tt, reduction="none")
-    )
+# The class dim of a K-dim input (N, C, d1, d2) is a strided reduction; a transposed (C, N).t() and an
+# every-other-column view are others.  Each gives the bits of the contiguous (rows, C) case, losses and
+# gradients, on rows with special values too (layout_rows; targets as family_targets).
+@pytest.mark.parametrize("dtype", [F16, F32])
+def test_kdim_and_layouts_bit_for_bit(backend, dtype):
+    C = 7
+    rows = layout_rows(dtype, C, seed=4)  # (24, C)
+    t = oracle.cross_entropy_targets(rows, torch.Generator().manual_seed(4))
+    t[1] = -100  # an ignored row
+    g = torch.rand(24, generator=torch.Generator().manual_seed(5))
+
+    def loss_and_grad(z, tz, gz):
+        zr = z.detach().requires_grad_()
+        loss = logitkit.cross_entropy(zr, tz, reduction="none")
+        (gx,) = torch.autograd.grad(loss, zr, gz)
+        return loss.detach(), gx
+
+    ref, ref_g = loss_and_grad(rows, t, g)
+    kdim = rows.view(2, 3, 4, C).movedim(-1, 1)  # (N, C, d1, d2), non-contiguous
+    for xk in (kdim, kdim.contiguous()):
+        loss, gk = loss_and_grad(xk, t.view(2, 3, 4), g.view(2, 3, 4))
+        assert same_bits(loss, ref.view(2, 3, 4)) and same_bits(gk, ref_g.view(2, 3, 4, C).movedim(-1, 1))
+    tr = rows.t().contiguous().t()  # (24, C) with the class dim at stride 24
+    loss, gt = loss_and_grad(tr, t, g)
+    assert same_bits(loss, ref) and same_bits(gt, ref_g)
+    wide = torch.full((24, 2 * C), math.nan, dtype=dtype)  # NaN between the entries: a stride bug shows
+    strided = wide[:, ::2]
+    strided.copy_(rows)
+    loss, gs = loss_and_grad(strided, t, g)
+    assert same_bits(loss, ref) and same_bits(gs, ref_g)
+    for red in ("mean", "sum"):
+        assert same_bits(
+            logitkit.cross_entropy(kdim, t.view(2, 3, 4), reduction=red), logitkit.cross_entropy(rows, t, reduction=red)
+        ), red
 
 
 # gradcheck over the target kinds and the options that change the gradient formula.

@@ -211,6 +211,83 @@ def test_input_families_shapes_and_determinism(dtype):
     assert (oracle.logsumexp(a["log_p"], 1).abs() < 1e-2).all()
 
 
+# The special-value families: their shape and contents, reproducible, and the input_families unchanged by them.
+@pytest.mark.parametrize("dtype", [F16, BF16, F32, F64])
+@pytest.mark.parametrize("V", [1, 2, 33, 1025])  # a trivial row, the shortest with a -inf beside a value, longer
+def test_special_families_shapes_and_contents(dtype, V):
+    a = dict(oracle.special_families(dtype, V, M=8, seed=7))
+    b = dict(oracle.special_families(dtype, V, M=8, seed=7))
+    assert set(a) == {"neginf_masked", "specials"}
+    for name, t in a.items():
+        assert t.dtype == dtype and t.shape == (8, V), name
+        assert torch.equal(t.isnan(), b[name].isnan()) and torch.equal(t.nan_to_num(0.0), b[name].nan_to_num(0.0))
+    m = a["neginf_masked"]
+    assert torch.isfinite(m).any(1).all() and not (m.isnan() | m.isposinf()).any()  # never a whole row
+    if V == 1025:
+        frac = m.isneginf().double().mean().item()
+        assert 0.2 < frac < 0.3, frac  # about a quarter
+    s = a["specials"]
+    for i in range(8):
+        row = s[i]
+        n_fin = torch.isfinite(row).sum().item()
+        kind = i % 4
+        if kind == 0:
+            assert row.isposinf().sum() == 1 and n_fin == V - 1
+        elif kind == 1:
+            assert row.isnan().sum() == 1 and n_fin == V - 1
+        elif kind == 2:
+            assert row.isneginf().all()
+        else:
+            assert n_fin == 1 and row.isneginf().sum() == V - 1
+    fam = dict(oracle.input_families(dtype, V, M=3, seed=7))
+    assert all(torch.isfinite(t).all() for t in fam.values())  # the finite families stay finite
+
+
+def test_cross_entropy_targets():
+    x = torch.cat([t for _, t in oracle.special_families(F32, 9, M=8, seed=3)])
+    t = oracle.cross_entropy_targets(x, torch.Generator().manual_seed(0))
+    assert t.shape == (16,) and t.dtype == torch.long
+    picked = x.gather(1, t[:, None]).squeeze(1)
+    live = torch.isfinite(x).any(1)
+    neg_rows = (torch.isneginf(x).any(1) & live).nonzero().flatten()
+    first = neg_rows[0].item()
+    assert picked[first] == -math.inf  # the deliberate -inf target: loss +inf
+    others = live.clone()
+    others[first] = False
+    assert torch.isfinite(picked[others]).all()  # every other live row targets a finite entry
+    assert oracle.cross_entropy(x, t, reduction="none")[first] == math.inf
+    t2 = oracle.cross_entropy_targets(x, torch.Generator().manual_seed(0), neginf_row=False)
+    assert torch.isfinite(x.gather(1, t2[:, None]).squeeze(1)[live]).all()
+
+
+# The oracle gives torch's edge semantics (NUMERICS.md's table) on the special-value families: values and
+# gradients against torch's float64, special values exactly (NaN == NaN).
+@pytest.mark.parametrize("V", [1, 2, 33])  # one entry (a row that is all one special), two, a short odd row
+def test_special_families_match_torch_float64(V):
+    gen = torch.Generator().manual_seed(V)
+    x = torch.cat([t for _, t in oracle.special_families(F64, V, M=8, seed=V)])
+    g = torch.randn(x.shape, dtype=F64, generator=gen)
+    close = dict(rtol=1e-12, atol=1e-15, equal_nan=True)
+    xr = x.clone().requires_grad_()
+    for op in ("softmax", "log_softmax"):
+        ref = getattr(torch, op)(xr, 1)
+        torch.testing.assert_close(getattr(oracle, op)(x, 1), ref.detach(), **close)
+        (gx,) = torch.autograd.grad(ref, xr, g)
+        torch.testing.assert_close(getattr(oracle, op + "_bwd")(x, g, 1), gx, **close)
+    ref = torch.logsumexp(xr, 1)
+    torch.testing.assert_close(oracle.logsumexp(x, 1), ref.detach(), **close)
+    (gx,) = torch.autograd.grad(ref, xr, g[:, 0])
+    torch.testing.assert_close(oracle.logsumexp_bwd(x, g[:, 0], 1), gx, **close)
+    t = oracle.cross_entropy_targets(x, gen)
+    t[5] = -100  # an ignored row with special values still gets a NaN gradient in torch
+    for kw in (dict(reduction="none"), dict(reduction="sum", label_smoothing=0.2), dict(reduction="mean")):
+        ref = torch.nn.functional.cross_entropy(xr, t, **kw)
+        torch.testing.assert_close(oracle.cross_entropy(x, t, **kw), ref.detach(), **close)
+        go = torch.rand(ref.shape, dtype=F64, generator=gen)
+        (gx,) = torch.autograd.grad(ref, xr, go)
+        torch.testing.assert_close(oracle.cross_entropy_bwd(x, t, go, **kw), gx, **close)
+
+
 def test_import_has_no_side_effects():
     code = "import sys; import logitkit.reference.oracle; print('mpmath' in sys.modules)"
     out = subprocess.run(

@@ -10,6 +10,8 @@ Numerics: float64 is exact for the fp16/bf16/fp32 inputs themselves; every outpu
 Specials: the default (torch) semantics of NUMERICS.md: NaN anywhere or +inf -> NaN row, lse NaN / +inf;
           an all -inf row -> NaN softmax / log_softmax, lse -inf.  ``mask=`` gives the safe semantics:
           masked entries leave the row and an empty row gives softmax 0, log_softmax -inf, gradients 0.
+Families: ``input_families`` (finite, NUMERICS.md's "Test families") and ``special_families`` (-inf, +inf,
+          NaN rows); ``cross_entropy_targets`` picks targets on finite entries plus one deliberate -inf one.
 
 All results are float64 tensors on the CPU.  Nothing runs at import time.
 """
@@ -25,6 +27,7 @@ from torch import Tensor
 __all__ = [
     "cross_entropy",
     "cross_entropy_bwd",
+    "cross_entropy_targets",
     "entropy",
     "entropy_bwd",
     "input_families",
@@ -41,6 +44,7 @@ __all__ = [
     "softmax",
     "softmax_bwd",
     "softmax_bwd_scale",
+    "special_families",
     "ulp",
     "ulp_error",
     "underflow_edge",
@@ -429,14 +433,15 @@ def cross_entropy_bwd(
     """d loss / d input in float64, shaped like ``input``.
 
     Per row with q the effective target distribution and S = sum q: dx_i = p_i S - q_i; at the max entries
-    (p_i near 1) it is evaluated as -S r / (1 + r) + (S - q_i), never via 1 - p_i, which cancels.
+    (p_i near 1) it is evaluated as -S r / (1 + r) + (S - q_i), never via 1 - p_i, which cancels.  Rows
+    with NaN, +inf or only -inf logits get NaN (as torch); a -inf logit at the target gets -q_t (finite).
     """
     if grad_output is None:
         grad_output = torch.ones((), dtype=_F64)
     xl, q, idx, denom, C = _ce_setup(input, target, weight, ignore_index, label_smoothing)
     x64 = _f64(input)
     cd = _class_dim(x64)
-    _, d, e, r, _ = _stats(xl)
+    a, d, e, r, _ = _stats(xl)
     p = e / (1.0 + r)
     S = q.sum(-1, keepdim=True)
     if idx is None:
@@ -450,6 +455,10 @@ def cross_entropy_bwd(
             s_minus_q = s_minus_q + (eps / C) * (w.sum() - w) * v
     # At a max entry p_i S - q_i cancels: use -S (1 - p_i) + (S - q_i) with 1 - p_i = r / (1 + r) there.
     dx = torch.where(d == 0, -S * (r / (1.0 + r)) + s_minus_q, p * S - q)
+    # As torch (log_softmax's backward g - exp(y) sum g on a NaN row): a row with NaN, +inf or only -inf
+    # logits has a NaN gradient, ignored rows included; the formulas above would give 0 or -q there.
+    nan_row, _ = _row_status(a, xl, False)
+    dx = torch.where(nan_row, torch.full_like(dx, math.nan), dx)
     scale = _grad_scale(grad_output, denom, reduction, xl.shape[:-1]).unsqueeze(-1)
     return (dx * scale).movedim(-1, cd)
 
@@ -625,3 +634,57 @@ def input_families(dtype: torch.dtype, V: int, M: int = 4, seed: int = 0) -> Ite
     yield "constant", out(randn(M, 1).expand(M, V).clone())
     # Ascending rows: the running max changes at every element (stresses online rescaling).
     yield "sorted_ascending", out(torch.sort(randn(M, V) * 10.0, dim=1).values)
+
+
+def special_families(dtype: torch.dtype, V: int, M: int = 4, seed: int = 0) -> Iterator[tuple[str, Tensor]]:
+    """(name, (M, V) tensor of ``dtype``) with the special values of NUMERICS.md's edge-case table.
+
+    Kept apart from ``input_families``: those rows are finite, and the consumers that need finite rows
+    (gradient-scale metrics, float64-vs-mpmath checks) keep iterating only them.
+
+    neginf_masked: N(0, 3) with about a quarter of each row's entries -inf, never all of them (one random
+                   entry per row stays finite): softmax 0 and log_softmax -inf there, lse finite.
+    specials:      row i is kind i % 4 of: one +inf entry (NaN row, lse +inf); one NaN entry (NaN row and lse);
+                   every entry -inf (NaN row, lse -inf); all -inf but one finite entry (softmax 1 there).
+    """
+    gen = torch.Generator().manual_seed(seed + 0x5EC)  # a stream of its own: input_families stays unchanged
+    base = torch.randn(M, V, generator=gen, dtype=_F64) * 3.0
+    keep = torch.randint(0, max(V, 1), (M, 1), generator=gen)
+    masked = torch.rand(M, V, generator=gen, dtype=_F64) < 0.25
+    masked.scatter_(1, keep, False)  # never a whole row
+    yield "neginf_masked", base.masked_fill(masked, -math.inf).to(dtype)
+    x = torch.randn(M, V, generator=gen, dtype=_F64) * 3.0
+    pos = torch.randint(0, max(V, 1), (M,), generator=gen)
+    for i in range(M if V else 0):
+        kind = i % 4
+        if kind == 0:
+            x[i, pos[i]] = math.inf
+        elif kind == 1:
+            x[i, pos[i]] = math.nan
+        elif kind == 2:
+            x[i] = -math.inf
+        else:
+            v = x[i, pos[i]].item()
+            x[i] = -math.inf
+            x[i, pos[i]] = v
+    yield "specials", x.to(dtype)
+
+
+def cross_entropy_targets(x: Tensor, generator: torch.Generator, *, neginf_row: bool = True) -> Tensor:
+    """Class targets (int64, x.shape[:-1]) for (..., V) logits: uniform over each row's finite entries (any
+    class where a row has none).  With ``neginf_row``, the first row holding both a finite and a -inf entry
+    targets a -inf one instead (torch's loss +inf there: NUMERICS.md's last table row)."""
+    V = x.shape[-1]
+    flat = _f64(x).reshape(-1, V)
+    live = torch.isfinite(flat)
+    fin = torch.where(live.any(1, keepdim=True), live, torch.ones_like(live))
+    # A random key per entry, -1 off the allowed entries: the argmax is uniform over the allowed ones.
+    key = torch.rand(flat.shape, generator=generator, dtype=_F64)
+    t = torch.where(fin, key, torch.full_like(key, -1.0)).argmax(1)
+    if neginf_row:
+        neg = torch.isneginf(flat)
+        rows = (neg.any(1) & live.any(1)).nonzero().flatten()
+        if rows.numel():
+            r = rows[0]
+            t[r] = torch.where(neg[r], key[r], torch.full_like(key[r], -1.0)).argmax()
+    return t.reshape(x.shape[:-1])

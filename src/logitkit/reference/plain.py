@@ -225,6 +225,21 @@ def _repair(fix: Tensor, xw: Tensor, dst: Tensor, exact) -> None:
         dst.index_copy_(0, rows, exact(xw.index_select(0, rows)))
 
 
+def wide_fused(x2: Tensor, log: bool, ws: Workspace | None) -> Tensor:
+    """torch's fused log_softmax / softmax of a contiguous (R, V) block, one precision up (``wide_dtype``).
+
+    With a workspace the widened input and the result live in its reusable buffers: a fresh multi-MB tensor
+    per block costs page faults on every block (glibc returns large freed blocks to the OS), which made the
+    timings bimodal. The result is valid until the workspace's next use.
+    """
+    wide = wide_dtype(x2.dtype)
+    if ws is None:
+        return torch.log_softmax(x2, 1, dtype=wide) if log else torch.softmax(x2, 1, dtype=wide)
+    xw = ws.get("fused_in", x2, wide).copy_(x2)
+    out = ws.get("fused_out", x2, wide)
+    return torch._log_softmax(xw, 1, False, out=out) if log else torch._softmax(xw, 1, False, out=out)
+
+
 @torch.no_grad()
 def block_logp(x2: Tensor, ws: Workspace | None = None) -> tuple[Tensor, Tensor]:
     """(log_softmax, L) of a contiguous (R, V) block in ``wide_dtype``, accurate to the output's rounding.
@@ -239,7 +254,7 @@ def block_logp(x2: Tensor, ws: Workspace | None = None) -> tuple[Tensor, Tensor]
         return (y if s.d_lo is None else y.add_(s.d_lo.to(wide))), s.L.to(wide)
     # The shifted formula in the wide dtype: d = x - max is exact there, exp and the sum carry 29 (or 13)
     # extra bits, so every entry is right after one rounding, except through log(1 + r) for tiny r.
-    y = torch.log_softmax(x2, 1, dtype=wide)
+    y = wide_fused(x2, True, ws)
     L = y.amax(dim=1, keepdim=True).neg_()  # the max's log-probability is 0 - L
     # y at the argmax is exactly -log(S) (x - max = 0 there): no |max| term in the threshold. NaN rows
     # compare False and keep torch's NaN.
@@ -266,7 +281,7 @@ def block_probs(x2: Tensor, ws: Workspace | None = None) -> tuple[Tensor, Tensor
     if not fast_path(x2):
         s = row_stats(x2.to(wide), None, False, ws)
         return softmax_from(s).to(wide), s.L.to(wide)
-    p = torch.softmax(x2, 1, dtype=wide)
+    p = wide_fused(x2, False, ws)
     L = p.amax(dim=1, keepdim=True).log_().neg_()
     fix = L < _tiny(x2.shape[1], torch.zeros_like(L))
     _repair(fix, x2, L, lambda rows: row_stats(rows.to(wide), None, False, ws).L)
@@ -334,7 +349,7 @@ def normalize_fwd(xv: Tensor, mv: Tensor | None, log: bool, out: Tensor) -> Tens
         for sl, x2, m2 in _blocks(xv, mv, FAST_BLOCK_ELEMS):
             x2 = _masked(x2, m2)
             # softmax needs no repair: 1 + r is formed in the wide dtype, and nothing is subtracted from it.
-            y = torch.log_softmax(x2, 1, dtype=wide) if log else torch.softmax(x2, 1, dtype=wide)
+            y = wide_fused(x2, log, ws)
             if log:
                 # y at the argmax is exactly -log(S) (x - max = 0 there): L = -max y, no |max| term in the
                 # threshold. NaN rows compare False and keep torch's NaN.
@@ -381,7 +396,7 @@ def lse_fwd(xv: Tensor, mv: Tensor | None) -> Tensor:
             x2 = _masked(x2, m2)
             # One fused log_softmax one precision up (cheaper than torch.logsumexp's separate passes):
             # L = -max y, then lse = max + L with L right to the output's rounding unless L is tiny.
-            negL = torch.log_softmax(x2, 1, dtype=wide).amax(dim=1, keepdim=True)
+            negL = wide_fused(x2, True, ws).amax(dim=1, keepdim=True)
             a = x2.amax(dim=1, keepdim=True).to(wide)
             lse = torch.where(torch.isinf(a), a, a - negL)
             _fix_later(negL > -_tiny(V, 0.0), pending, sl)  # L = -max y: exact at the argmax, as above
@@ -451,9 +466,10 @@ def lse_bwd(xv: Tensor, lse: Tensor, g: Tensor, mv: Tensor | None, dx: Tensor) -
         return dx
     if fast_path(xv):
         wide = wide_dtype(xv.dtype)
+        ws = Workspace()
         for sl, x2, m2 in _blocks(xv, mv, FAST_BLOCK_ELEMS):
             x2 = _masked(x2, m2)
-            p = torch.softmax(x2, 1, dtype=wide)
+            p = wide_fused(x2, False, ws)
             # A +inf in the row: torch's exp(x - inf) is 0 off the infinities and NaN on them.
             l2 = lse[sl].reshape(-1, 1)
             _repair(torch.isposinf(l2), x2, p, lambda rows: torch.exp(rows.to(wide) - math.inf))

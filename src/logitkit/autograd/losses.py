@@ -128,19 +128,13 @@ class CrossEntropyFunction(torch.autograd.Function):
             ctx.save_for_backward(xv, target, weight, denom)
             ctx.mark_non_differentiable(lse, ent)
             return _reduce(loss_rows, denom, reduction).to(out_dtype), lse.to(out_dtype), ent.to(out_dtype)
-        lead, V = xv.shape[:-1], xv.shape[-1]
+        lead = xv.shape[:-1]
         k = _triton()
         x2, t2 = _as_rows(xv), target.reshape(-1).contiguous()
         M = x2.shape[0]
         denom = None
         if reduction == "mean":  # sum of the counted rows' weights, on the device (no .item())
-            valid = t2 != ignore_index
-            if weight is None:
-                denom = valid.sum(dtype=torch.float32).reshape(1)
-            else:
-                t_safe = torch.where(valid, t2, torch.zeros_like(t2)).clamp_(0, V - 1)
-                wt = torch.where(valid, weight.float()[t_safe], torch.zeros((), device=xv.device))
-                denom = wt.sum().reshape(1)
+            denom = ref.target_weights(t2, weight, ignore_index, torch.float32).sum().reshape(1)
         fused = reduction != "none" and ctx.needs_input_grad[0] and M > 0
         loss_rows, lse, ent, dx = k.ce_fwd(x2, t2, weight=weight, denom=denom, ignore_index=ignore_index,
                                            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,

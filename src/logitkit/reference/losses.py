@@ -160,11 +160,15 @@ def ce_grad(
 
 
 def target_weights(target: Tensor, weight: Tensor | None, ignore_index: int, dtype: torch.dtype) -> Tensor:
-    """Per-row weight of the target class (0 for ignored rows), computed from the targets alone."""
+    """Per-row weight of the target class (0 for ignored rows), computed from the targets alone.
+
+    Out-of-range targets are clamped for the lookup (no device-side indexing assert on CUDA); they are
+    reported by the callers' own range checks.
+    """
     valid = target != ignore_index
     if weight is None:
         return valid.to(dtype)
-    t_safe = torch.where(valid, target, torch.zeros_like(target))
+    t_safe = torch.where(valid, target, torch.zeros_like(target)).clamp_(0, weight.shape[0] - 1)
     return torch.where(valid, weight.to(dtype)[t_safe], torch.zeros((), dtype=dtype, device=target.device))
 
 

@@ -310,13 +310,10 @@ def _direct_out(dst: Tensor) -> Tensor | None:
     return None
 
 
-def _fix_later(fix: Tensor, pending: list, sl) -> None:
-    """Remember a block's flagged rows (a (R, 1) bool tensor) for ``_fix_pending``: one host read per call."""
-    pending.append((sl, fix))
-
-
 def _fix_pending(pending: list, xv: Tensor, mv: Tensor | None, repair) -> None:
-    """Run ``repair(sl, x2, rows)`` for the blocks whose rows need the rest sum, after one host sync.
+    """Run ``repair(sl, x2, fix)`` for the blocks whose rows need the rest sum, after one host sync.
+
+    ``pending`` holds (block index, (R, 1) bool flags) pairs collected during the block loop.
 
     Eagerly only blocks with flagged rows are revisited (their (R, V) input is re-read, a few rows at most);
     under torch.compile every block is repaired through ``torch.where``-style selection inside ``repair``.
@@ -353,7 +350,7 @@ def normalize_fwd(xv: Tensor, mv: Tensor | None, log: bool, out: Tensor) -> Tens
             if log:
                 # y at the argmax is exactly -log(S) (x - max = 0 there): L = -max y, no |max| term in the
                 # threshold. NaN rows compare False and keep torch's NaN.
-                _fix_later(y.amax(dim=1, keepdim=True) > -_tiny(V, 0.0), pending, sl)
+                pending.append((sl, y.amax(dim=1, keepdim=True) > -_tiny(V, 0.0)))
             if masked:  # a row with nothing left: softmax 0, log_softmax -inf (not torch's NaN)
                 empty = torch.isneginf(x2.amax(dim=1, keepdim=True))
                 y = torch.where(empty, -math.inf if log else 0.0, y)
@@ -399,7 +396,7 @@ def lse_fwd(xv: Tensor, mv: Tensor | None) -> Tensor:
             negL = wide_fused(x2, True, ws).amax(dim=1, keepdim=True)
             a = x2.amax(dim=1, keepdim=True).to(wide)
             lse = torch.where(torch.isinf(a), a, a - negL)
-            _fix_later(negL > -_tiny(V, 0.0), pending, sl)  # L = -max y: exact at the argmax, as above
+            pending.append((sl, negL > -_tiny(V, 0.0)))  # L = -max y: exact at the argmax, as above
             _store(out[sl], lse)
 
         def repair(sl, x2, fix):

@@ -54,7 +54,8 @@ def _run(self, *args, grid, warmup, **kwargs):
     k = _orig_run(self, *args, grid=grid, warmup=True, **kwargs)
     if k is not None:
         COMPILED.setdefault(id(k), k)
-        keys = ("LOG", "ONE_TILE", "PHASE", "BLOCK_M", "BLOCK_N", "BLOCK_V", "HAS_MASK", "SINGLE")
+        keys = ("LOG", "ONE_TILE", "PHASE", "BLOCK_M", "BLOCK_N", "BLOCK_V", "HAS_MASK", "SINGLE", "HAS_SUMS",
+                "HAS_ENT")
         flags = {n: v for n, v in kwargs.items() if n in keys}
         META.setdefault(id(k), f"{getattr(args[0], 'dtype', '?')} {flags}")
     return k
@@ -64,10 +65,12 @@ JITFunction.run = _run
 
 from logitkit.triton import _tuning  # noqa: E402
 from logitkit.triton import cross_entropy as ce  # noqa: E402
+from logitkit.triton import linear_cross_entropy as lce  # noqa: E402
 from logitkit.triton import softmax as sm  # noqa: E402
 
 if SIZES == "gpu":  # the CUDA tables (BLOCK_V 16384 / 16 warps, 132 SMs), not the interpreter's
     ce._block_config = lambda V, device_type: _tuning.cross_entropy_config(V, "cuda")
+    lce._block_config = ce._block_config
     _tuning.target_programs = lambda device: 132 * _tuning.SOFTMAX_PROGRAMS_PER_SM
 
 t0 = time.time()
@@ -118,6 +121,21 @@ for dt in DT:
         h, a, r = ce.entropy_fwd(x)
         ce.entropy_bwd(x, torch.randn(3), h, a, r)
         ce.grad_scale_(x.clone(), torch.full((1,), 2.0))
+
+# linear cross-entropy vocab blocks: one-tile and looped blocks, pass 1 with / without sums and entropy, pass 2
+for dt in DT:
+    for n in (1000, 32768):
+        x = torch.randn(3, n, dtype=dt)
+        t = torch.tensor([0, 5, -100])
+        w = torch.rand(2 * n, dtype=dt)
+        col = [torch.zeros(3, dtype=torch.float64) for _ in range(6)]
+        row = dict(a=torch.zeros(3), R=torch.ones(3), L=torch.zeros(3), lse=torch.zeros(3), grad_rows=torch.ones(3))
+        for kw in (dict(), dict(weight=w), dict(softcap=30.0)):
+            for sums, ent in ((False, False), (True, False), (False, True), (True, True)):
+                lce.lce_stats_fwd_out(x, n, t, a=col[0], r=col[1], s=col[2] if sums else None,
+                                      u=col[3] if sums else None, e=col[4] if ent else None, xt=col[5], **kw)
+            for extra in (dict(), dict(label_smoothing=0.1, z_loss=1e-4)):
+                lce.lce_grad_bwd_out(x.clone(), n, 2 * n, t, **row, **kw, **extra)
 
 t1 = time.time()
 from triton import knobs  # noqa: E402

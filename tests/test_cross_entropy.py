@@ -242,6 +242,31 @@ def test_all_ignored(backend):
     assert torch.equal(logitkit.cross_entropy(x, t, reduction="none"), torch.zeros(3))
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])  # gradient formed in forward; recomputed
+def test_ignored_rows_with_special_logits_and_strided_arguments(backend, reduction):
+    """Ignored rows get loss 0 and gradient 0, but NaN where their softmax is NaN (a NaN, a +inf, all -inf),
+    as torch's 0 * softmax; a strided weight / target view is read as the values it shows."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(6, 5, dtype=F64, generator=gen).float()
+    x[1, 2], x[2, 0], x[3] = math.inf, math.nan, -math.inf
+    x[4, 1] = -math.inf  # a -inf entry in an otherwise finite ignored row: its gradient stays 0
+    t = torch.tensor([0, -100, -100, -100, -100, 3])  # rows 1 to 4 (the special ones) ignored
+    t_view = torch.stack([t, torch.zeros_like(t)], 1)[:, 0]  # the same targets, stride 2
+    w_view = (torch.rand(10, generator=gen) + 0.5)[::2]
+    got, want = [], []
+    for fn, out in ((logitkit.cross_entropy, got), (F.cross_entropy, want)):
+        xr = x.clone().requires_grad_()
+        loss = fn(xr, t_view, weight=w_view, reduction=reduction, label_smoothing=0.1)
+        (g,) = torch.autograd.grad(loss, xr, torch.ones_like(loss))
+        out.extend([loss.detach(), g])
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), (a, b)
+        fin = torch.isfinite(b)
+        assert torch.equal(torch.isfinite(a), fin)
+        assert (a[fin].double() - b[fin].double()).abs().max() <= 1e-6 * b[fin].abs().max().double().clamp_min(1)
+    assert torch.equal(got[1][4], torch.zeros(5))
+
+
 def test_empty_batch(backend):
     x = torch.randn(0, 4, requires_grad=True)
     t = torch.zeros(0, dtype=torch.long)

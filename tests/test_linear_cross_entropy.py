@@ -3,6 +3,7 @@ for both strategies (token chunks; vocab blocks), their automatic choice and the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -20,6 +21,18 @@ F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float6
 
 # Every test that runs the op takes both strategies: they share the API and must give the same results.
 STRATEGIES = ["token_chunks", "vocab_blocks"]
+
+
+def _triton_runs() -> bool:
+    import os
+
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 class _Options:
@@ -265,9 +278,16 @@ def test_stats_sibling_returns_lse_and_entropy(strategy, chunk):
         assert _rel(s.loss, _reference(x, W, t, b, reduction="none", softcap=cap)) < 1e-14
 
 
+def _backends() -> list[str]:
+    """'reference'; 'triton' too under the interpreter (or on a GPU machine), where vocab blocks take the
+    block kernels and token chunks the fused cross-entropy kernel."""
+    return ["reference"] + (["triton"] if _triton_runs() else [])
+
+
+@pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("dtype", [F32, BF16])  # fp32 logits and half logits (rounded coarsely at the offset)
-def test_confident_rows_keep_loss_and_target_gradient(dtype, strategy):
+def test_confident_rows_keep_loss_and_target_gradient(dtype, strategy, backend):
     """Rows whose target wins by 20 to 45: loss and target gradient are about r = sum of the other p_j
     (1e-6 .. 1e-20), far below |lse| * 2**-24 at the common offset 1000. Each row's loss and logit gradient
     (read off as the bias gradient under a one-hot upstream gradient) must hold to the output's rounding
@@ -293,8 +313,9 @@ def test_confident_rows_keep_loss_and_target_gradient(dtype, strategy):
     ref_grad = (e / (1.0 + r)).scatter(1, t[:, None], -r / (1.0 + r))
     tol = torch.finfo(F32).eps if dtype == F32 else torch.finfo(BF16).eps
     br = b.clone().requires_grad_()
-    rows = lk.linear_cross_entropy(x, W, t, linear_bias=br, reduction="none", options=_Options(5),
-                                   strategy=strategy)
+    with lk.use_backend(backend):
+        rows = lk.linear_cross_entropy(x, W, t, linear_bias=br, reduction="none", options=_Options(5),
+                                       strategy=strategy)
     assert (rows.double() - ref_rows).abs().le(4 * torch.finfo(F32).eps * ref_rows).all(), (rows, ref_rows)
     for i in (0, M // 2, M - 1):
         up = torch.zeros(M, dtype=rows.dtype)
@@ -552,18 +573,6 @@ def test_signature_matches_torch():
     assert list(ours)[: len(theirs)] == list(theirs)
 
 
-def _triton_runs() -> bool:
-    import os
-
-    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")):
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @pytest.mark.skipif(not _triton_runs(), reason="needs CUDA or TRITON_INTERPRET=1 with triton installed")
 @pytest.mark.parametrize("dtype", [F32, BF16])  # the kernel's two precision regimes (TwoSum fp32, widened half)
 @pytest.mark.parametrize("red", ["mean", "sum", "none"])  # fused-in-forward (mean/sum) and recompute (none)
@@ -623,3 +632,131 @@ def test_fused_kernel_path_all_ignored_and_stats(strategy):
         assert torch.isnan(loss)
         (g,) = torch.autograd.grad(loss, xr)
         assert torch.count_nonzero(g) == 0
+
+
+# --- The vocab-block kernels (triton/linear_cross_entropy.py) against the torch vocab-block path ----------------
+
+_KERNEL = pytest.mark.skipif(not _triton_runs(), reason="needs CUDA or TRITON_INTERPRET=1 with triton installed")
+
+
+def _both_backends(fn):
+    """fn() under the reference backend and under the triton backend (the block kernels)."""
+    out = []
+    for backend in ("reference", "triton"):
+        with lk.use_backend(backend):
+            out.append(fn())
+    return out
+
+
+@_KERNEL
+@pytest.mark.parametrize("dtype", [F32, BF16])  # TwoSum-carried fp32 shifts; exact half shifts
+@pytest.mark.parametrize("opts", OPTIONS[1:], ids=lambda o: "-".join(o))  # every option, then all at once
+@pytest.mark.parametrize("block_v", [None, 4])  # a block in one tile; blocks of 3 to 4 tiles (looped, re-read)
+def test_block_kernels_match_the_torch_vocab_blocks(dtype, opts, block_v):
+    """Loss and lse come from the same float64 merged state on both paths (the kernel's block sums are fp32,
+    rounded once per block); gradients are the fused CE kernel's fp32 formula, rounded once to the input dtype
+    (the torch path forms them in float64 / fp32)."""
+    from logitkit.triton import _tuning
+
+    M, D, V = 11, 7, 41  # vocab blocks of 5 * 41 // 11 = 18 classes: 18, 18, 5 (ragged)
+    x, W, b, t = _make(M, D, V, dtype, seed=9, bias=opts.get("bias", False))
+    if opts.get("ignore"):
+        t[::3] = -100
+    kw = {k: v for k, v in opts.items() if k not in ("ignore", "bias", "weight")}
+    weight = torch.rand(2 * V, dtype=F32)[::2] + 0.1 if opts.get("weight") else None  # strided on purpose
+    tensors = [x, W] + ([b] if b is not None else [])
+
+    def run():
+        def f(x, W, b=None):
+            return lk.linear_cross_entropy(x, W, t, linear_bias=b, weight=weight, options=_Options(5),
+                                           strategy="vocab_blocks", **kw)
+
+        lo, go = _grads(f, tensors, lambda out: torch.full_like(out, 0.75))
+        st = lk.linear_cross_entropy_with_stats(x, W, t, linear_bias=b, weight=weight, options=_Options(5),
+                                                strategy="vocab_blocks", **{**kw, "reduction": "none"})
+        return lo, go, st
+
+    with _tuning.force_cross_entropy(block_v) if block_v else contextlib.nullcontext():
+        (lr, gr, sr), (lo, go, so) = _both_backends(run)
+    assert _rel(lo, lr) < 2 * torch.finfo(F32).eps
+    assert _rel(so.loss, sr.loss) < 4 * torch.finfo(F32).eps
+    assert _rel(so.lse, sr.lse) < 2 * torch.finfo(F32).eps
+    assert _rel(so.entropy, sr.entropy) < 8 * torch.finfo(F32).eps
+    for a, c in zip(go, gr, strict=True):
+        assert a.dtype == dtype and _rel(a, c) < 4 * torch.finfo(dtype).eps
+
+
+@_KERNEL
+@pytest.mark.parametrize("order", [1.0, -1.0])  # the max moves up in every vocab block; the max comes first
+def test_block_kernels_online_merge_as_the_max_moves(order):
+    """Sorted logits (fp32): every block moves the row max (or none does), the float64 merge rescales r, the
+    smoothing sum S and the entropy sum E; against the float64 unfused graph."""
+    M, V = 9, 40
+    g = torch.Generator().manual_seed(5)
+    x = torch.stack([torch.ones(M, dtype=F64), torch.randn(M, generator=g, dtype=F64)], 1).to(F32)
+    W = torch.stack([order * 0.7 * torch.arange(V, dtype=F64), 0.1 * torch.randn(V, generator=g, dtype=F64)],
+                    1).to(F32)
+    t = torch.randint(0, V, (M,), generator=g)
+    weight = torch.rand(V, generator=g, dtype=F64).to(F32) + 0.1
+    kw = dict(weight=weight, label_smoothing=0.1, reduction="none")
+    with lk.use_backend("triton"):
+        lo, go = _grads(lambda x, W: lk.linear_cross_entropy(x, W, t, options=_Options(2), strategy="vocab_blocks",
+                                                             **kw), [x, W], torch.ones_like)
+        s = lk.linear_cross_entropy_with_stats(x, W, t, options=_Options(2), strategy="vocab_blocks")
+    lr, gr = _grads(lambda x, W: _reference(x.double(), W.double(), t, **kw), [x, W], torch.ones_like)
+    assert _rel(lo, lr) < 4 * torch.finfo(F32).eps
+    for a, r in zip(go, gr, strict=True):
+        assert _rel(a, r) < 8 * torch.finfo(F32).eps
+    logits = F.linear(x.double(), W.double())
+    assert _rel(s.lse, torch.logsumexp(logits, -1)) < 2 * torch.finfo(F32).eps
+    pr = torch.softmax(logits, -1)
+    assert _rel(s.entropy, -(pr * torch.log_softmax(logits, -1)).sum(-1)) < 8 * torch.finfo(F32).eps
+
+
+@_KERNEL
+@pytest.mark.parametrize("block_v", [None, 4])
+def test_block_kernels_special_values_as_the_torch_vocab_blocks(block_v):
+    """-inf classes (a whole vocab block of them, and single ones), a NaN token, a +inf class: the kernel path
+    gives the torch vocab-block path's values and NaN pattern (ignored rows: zero gradient on both)."""
+    from logitkit.triton import _tuning
+
+    M, D, V = 7, 4, 29  # vocab blocks of 2 * 29 // 7 = 8 classes
+    x, W, b, t = _make(M, D, V, F32, bias=True, seed=2)
+    b[8:16] = -math.inf  # the second vocab block is all -inf
+    b[3] = -math.inf
+    t = torch.where((t >= 8) & (t < 16) | (t == 3), 0, t)
+    x[4] = math.nan
+    t[5] = -100
+    kw = dict(label_smoothing=0.05, options=_Options(2), strategy="vocab_blocks")
+
+    def run(bias):
+        def f(x, W):
+            return lk.linear_cross_entropy(x, W, t, linear_bias=bias, reduction="sum", **kw)
+
+        rows = lk.linear_cross_entropy_with_stats(x, W, t, linear_bias=bias, reduction="none", **kw)
+        xr = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(lk.linear_cross_entropy(xr, W, t, linear_bias=bias, reduction="none", **kw),
+                                    xr, torch.linspace(0.5, 1.5, M))
+        return rows, gx
+
+    for bias in (b, torch.where(torch.arange(V) == 20, math.inf, b)):
+        with _tuning.force_cross_entropy(block_v) if block_v else contextlib.nullcontext():
+            (sr, gr), (so, go) = _both_backends(lambda bias=bias: run(bias))
+        for a, c in ((so.loss, sr.loss), (so.lse, sr.lse), (so.entropy, sr.entropy), (go, gr)):
+            assert torch.equal(torch.isnan(a), torch.isnan(c)) and torch.equal(torch.isinf(a), torch.isinf(c))
+            fin = torch.isfinite(c)
+            assert not fin.any() or _rel(a[fin], c[fin]) < 8 * torch.finfo(F32).eps
+        assert torch.isnan(so.loss[4]) and so.loss[5] == 0.0 and sr.loss[5] == 0.0
+
+
+@_KERNEL
+def test_block_kernels_take_strided_targets():
+    """A target that is a strided view (every other element) is read as the values it shows."""
+    M, D, V = 6, 5, 13
+    x, W, _, _ = _make(M, D, V, F32, seed=3)
+    t = torch.randint(0, V, (2 * M,))[::2]
+    ref = _reference(x.double(), W.double(), t.clone())
+    for strategy in STRATEGIES:
+        with lk.use_backend("triton"):
+            out = lk.linear_cross_entropy(x, W, t, options=_Options(2), strategy=strategy)
+        assert _rel(out, ref) < 4 * torch.finfo(F32).eps, strategy

@@ -110,7 +110,7 @@ def _run(input, linear_weight, target, linear_bias, weight, reduction, ignore_in
     x2 = x.reshape(M, D)
     t2 = target.reshape(M, V) if prob else target.reshape(M).long()
     use_triton = _config.wants_triton(x.device.type) and x.dtype != torch.float64
-    chunk = token_chunk(M, V, requested)
+    chunk = token_chunk(M, V, requested, x.device.type, x.element_size())
     o = make_opts(w, ii, red, eps, z, cap, chunk, prob, entropy, use_triton,
                   strategy=pick_strategy(strategy, linear_weight), vblock=vocab_block(M, V, chunk))
     loss, lse, ent = LinearCrossEntropyFunction.apply(x2, linear_weight, linear_bias, t2, o)

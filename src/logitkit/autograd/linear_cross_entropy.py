@@ -27,9 +27,13 @@ Time:     4 GEMMs (8 M D V flops: logits twice, dW, dx) against token chunks' 3.
           block's logits with the identical call into the same buffer, so the recomputed logits are
           bitwise those the statistics came from (a one-ulp difference at a confident row's target would
           swamp its gradient expm1(y_t) = -r / (1 + r)).
-Numerics: the elementwise work is torch ops on every backend for now (the Triton kernels do not hand out
-          (a, L) nor take a vocab block; a fused kernel is the follow-up): float64 in pass 1 (the loss) and in
-          pass 2 for fp32/fp64 inputs, float32 in pass 2 for half inputs (G is rounded to half once).
+Numerics: on the triton backend (CUDA tensors, class-index targets) each block's elementwise work is one
+          kernel per pass (triton/linear_cross_entropy.py): pass 1 forms the block's (max, rest) and sums in
+          fp32 as the CE kernel, rounded once per block, and merges them into the same float64 row state;
+          pass 2 is the CE kernel's fp32 gradient from (a, r, L), rounded once to the input dtype.  Elsewhere
+          (CPU, probability targets) torch ops: float64 in pass 1 (the loss) and in pass 2 for fp32/fp64
+          inputs, float32 in pass 2 for half inputs (G is rounded to half once).  Both finish the loss, lse
+          and entropy from the float64 state by the same code.
 """
 
 from __future__ import annotations
@@ -42,22 +46,31 @@ from torch import Tensor
 from ..reference import losses as ref
 from ..reference.plain import working_dtype
 
-# Elements of one (T, V) logits chunk; T = max(1, CHUNK_ELEMS // V) tokens, at least the whole batch if smaller.
+# One (T, V) logits chunk (and one (M, Vb) vocab block, which holds as many logits): T = elements // V tokens,
+# at least 1, at most the whole batch.  On the CPU, CHUNK_ELEMS elements: its float64 temporaries stay
+# cache-sized.  Elsewhere (GPU) CHUNK_BYTES_GPU of logits in the input dtype: GEMMs of thousands of tokens
+# (tiny chunks are what makes Liger's linear cross-entropy slow); 512 MiB is T = 2093 tokens of bf16 at
+# V = 128256, 4 chunks at M = 8192, or vocab blocks of 32768 classes.  To be tuned on the GPU (not measured).
 CHUNK_ELEMS = 1 << 22
+CHUNK_BYTES_GPU = 1 << 29
 
 
-# Rows of one elementwise sub-block inside a vocab block on the CPU: about this many elements, so its float64
-# temporaries stay cache-resident (as the reference losses' row blocks). Elsewhere the whole block goes at once:
-# each sub-block costs a dozen kernel launches.
+# Rows of one elementwise sub-block inside a vocab block when its work is torch ops (the CPU; probability
+# targets elsewhere): about this many elements, so its float64 temporaries stay cache-resident on the CPU (as
+# the reference losses' row blocks); elsewhere larger (each sub-block costs a dozen kernel launches) but bounded:
+# a whole (M, Vb) block in float64 would be 2 GiB per temporary at M = 8192, Vb = 32768.
 ROW_BLOCK_ELEMS = 1 << 18
+ROW_BLOCK_ELEMS_GPU = 1 << 24
 
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def token_chunk(M: int, V: int, requested: int | None) -> int:
+def token_chunk(M: int, V: int, requested: int | None, device_type: str = "cpu", elem_size: int = 4) -> int:
+    """Tokens per chunk: ``requested`` (options.batch_chunk_size) or the device's default budget."""
     if requested is not None:
         return max(1, min(M, requested))
-    return max(1, min(M, CHUNK_ELEMS // max(V, 1)))
+    elems = CHUNK_ELEMS if device_type == "cpu" else CHUNK_BYTES_GPU // elem_size
+    return max(1, min(M, elems // max(V, 1)))
 
 
 def vocab_block(M: int, V: int, chunk: int) -> int:
@@ -213,8 +226,8 @@ def _vocab_blocks(x: Tensor, W: Tensor, b: Tensor | None, vblock: int):
 
 
 def _row_slices(M: int, n: int, device: torch.device):
-    """Row ranges of an (M, n) block: about ROW_BLOCK_ELEMS elements each on the CPU, all rows elsewhere."""
-    step = max(1, ROW_BLOCK_ELEMS // max(n, 1)) if device.type == "cpu" else max(M, 1)
+    """Row ranges of an (M, n) block: about ROW_BLOCK_ELEMS (CPU) or ROW_BLOCK_ELEMS_GPU elements each."""
+    step = max(1, (ROW_BLOCK_ELEMS if device.type == "cpu" else ROW_BLOCK_ELEMS_GPU) // max(n, 1))
     for s in range(0, M, step):
         yield slice(s, min(M, s + step))
 
@@ -266,6 +279,13 @@ def _vocab_stats(x: Tensor, W: Tensor, b: Tensor | None, target: Tensor, o: _Opt
         xt = torch.zeros((M, 1), **col)  # the target's logit (capped)
     for v0, v1, logits in _vocab_blocks(x, W, b, o.vblock):
         n = v1 - v0
+        if o.use_triton:
+            # the fused kernel merges the block into the same float64 state (class indices only)
+            from ..triton.linear_cross_entropy import lce_stats_fwd_out
+
+            lce_stats_fwd_out(logits, v0, target, a=a, r=r, s=S, u=U, e=E, xt=xt, weight=o.weight,
+                              ignore_index=o.ignore_index, softcap=o.softcap)
+            continue
         for rs in _row_slices(M, n, x.device):
             x2 = ref.capped(logits[rs], o.softcap)
             xw = x2.to(torch.float64)  # x - m is exact in float64 for fp32/half logits
@@ -315,6 +335,7 @@ def _vocab_stats(x: Tensor, W: Tensor, b: Tensor | None, target: Tensor, o: _Opt
             row = row + torch.where(valid, (o.eps / V) * (L * U + S), 0.0)
         if o.z_loss != 0.0:
             row = row + torch.where(valid, o.z_loss * lse * lse, 0.0)
+        row = torch.where(valid, row, 0.0)  # 0 also where an ignored row's L is NaN (0 * NaN), as torch
         wt = w_t
     ent = (L + E / (1.0 + r)).view(M).to(wd) if E is not None else torch.empty(0, dtype=wd, device=x.device)
     return row.view(M).to(wd), lse.view(M).to(wd), wt.view(M).to(wd), ent, a, L, U
@@ -354,12 +375,22 @@ def _vocab_grads(x: Tensor, W: Tensor, b: Tensor | None, target: Tensor, a: Tens
         # with p_t - 1 = expm1(y_t): never softmax_t - 1, which cancels
         at_c = (c1 - hard, (eps / C) * w_tgt)
     gc1 = g * c1
+    if o.use_triton:
+        kstats = _kernel_row_stats(a, L, g_rows, o)
     dx = torch.zeros(M, D, dtype=torch.float32 if half else x.dtype, device=x.device) if need[0] else None
     dW = torch.empty(W.shape, dtype=W.dtype, device=W.device) if need[1] else None
     db = torch.zeros(V, dtype=torch.float64, device=x.device) if need[2] else None
     for v0, v1, logits in _vocab_blocks(x, W, b, o.vblock):
         n = v1 - v0
-        for rs in _row_slices(M, n, x.device):
+        if o.use_triton:
+            from ..triton.linear_cross_entropy import lce_grad_bwd_out
+
+            # G_b in fp32, rounded once to the logits' dtype, written over them (read once, written once)
+            lce_grad_bwd_out(logits, v0, V, target, **kstats, ignore_index=o.ignore_index, label_smoothing=eps,
+                             z_loss=o.z_loss, softcap=o.softcap)
+            if db is not None:
+                db[v0:v1] += logits.sum(dim=0, dtype=torch.float64)
+        for rs in _row_slices(M, n, x.device) if not o.use_triton else ():
             lr = logits[rs]
             x2 = ref.capped(lr, o.softcap)
             # y = (x - a) - L: both terms <= 0, the first exact (a copy: x2 may be the logits themselves)
@@ -387,6 +418,18 @@ def _vocab_grads(x: Tensor, W: Tensor, b: Tensor | None, target: Tensor, a: Tens
         if dx is not None:
             _acc_mm(dx, logits, W[v0:v1])
     return (dx.to(x.dtype) if dx is not None else None), dW, db
+
+
+def _kernel_row_stats(a: Tensor, L: Tensor, g_rows: Tensor, o: _Opts) -> dict:
+    """Pass 2's per-row inputs for the kernel from pass 1's float64 (a, L): fp32 a (a logit value: exact),
+    R = 2**64 r (r = expm1(L) in float64, rounded once), L, lse, and the upstream gradient per row."""
+    f32 = torch.float32
+    a_ref = torch.where(torch.isinf(a), 0.0, a).view(-1).to(f32)
+    R = (torch.expm1(L) * 2.0**64).view(-1).to(f32)
+    lse = torch.where(torch.isinf(a), a, a + L).view(-1).to(f32)
+    wsum = o.weight.to(torch.float64).sum().to(f32).reshape(1) if o.weight is not None else None
+    return dict(a=a_ref, R=R, L=L.view(-1).to(f32), lse=lse, grad_rows=g_rows.to(f32).contiguous(),
+                weight=o.weight, weight_sum=wsum)
 
 
 def _row_scale(reduction: str, g: Tensor, denom: Tensor, valid: Tensor | None, M: int) -> Tensor:

@@ -24,8 +24,8 @@ Numerics: fp32 working precision (no float64 on the GPU); for fp32 (or softcappe
           rounded multiply, |x| ulps off), float64 NumPy in the interpreter (NumPy's float32 exp is 2.3 ulp off).
 Special:  a row with NaN or +-inf maximum gets L = NaN (loss and gradient NaN, lse = the infinite max), as the
           reference path and torch; a -inf logit at the target gives loss +inf; ignored rows get loss 0 and a
-          zero gradient.  Out-of-range class indices are checked by the caller (``_validate``); the kernel
-          clamps them to 0 so it never reads out of bounds.
+          zero gradient (NaN where their L is NaN, as torch's 0 * softmax).  Out-of-range class indices are
+          checked by the caller (``_validate``); the kernel clamps them to 0 so it never reads out of bounds.
 """
 
 from __future__ import annotations
@@ -181,7 +181,9 @@ def _ce_block(x, cols, mask, t, valid, a_ref, r, L, w_ptr, c1, hard, eps_over_v,
     if HAS_EPS:
         at_t = at_t - eps_over_v * w
     g = tl.where(cols == t, at_t, g)
-    g = tl.where(valid, g, 0.0)
+    # an ignored row's gradient is 0, but NaN where the row's softmax is (a NaN, a +inf, all -inf): as torch's
+    # 0 * softmax and the reference path
+    g = tl.where(valid, g, tl.where(L == L, 0.0, float("nan")))
     if HAS_CAP:
         q = div_rn(x, cap)
         g = g * (1.0 - q * q)  # d/dx cap tanh(x / cap) = 1 - tanh^2
@@ -566,6 +568,9 @@ def ce_fwd_out(
     M, V = x.shape
     if M == 0:
         return
+    # the kernel indexes target and weight as dense vectors: a strided view (w[::2]) would read other values
+    target = target.contiguous()
+    weight = weight.contiguous() if weight is not None else None
     if weight is not None and label_smoothing > 0.0 and weight_sum is None:
         weight_sum = weight.float().sum().reshape(1)
     block, warps = _block_config(V, x.device.type)
@@ -630,6 +635,7 @@ def ce_prob_fwd_out(
     M, V = x.shape
     if M == 0:
         return
+    weight = weight.contiguous() if weight is not None else None  # indexed as a dense vector
     block, warps = _block_config(V, x.device.type)
     if dx is not None:
         _rows(dx)

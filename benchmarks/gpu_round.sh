@@ -5,6 +5,9 @@
 #   bash benchmarks/gpu_round.sh softmax    # the gpu-softmax grid (issue 3)
 #   bash benchmarks/gpu_round.sh ce         # the gpu-cross-entropy shapes (issue 4)
 #   bash benchmarks/gpu_round.sh lce        # linear cross-entropy (issue 5)
+#   bash benchmarks/gpu_round.sh tune       # ~8 min: blocks/warps sweep of the kernels, a proposal for _tuning.py
+#                                           #   (TUNE_BUDGET_S=420 by default; TUNE_ONLY="fp32 non-last,cross"
+#                                           #   keeps cases whose label has one of these; TUNE_ARGS="--quick")
 #
 # Each phase fits one device call (10 min) and writes its log and JSON under $OUT (default ./gpu-out).
 # Peer wheels (Liger, cut-cross-entropy) are used when `.whl/` was carried (`bash ../shared/gpu/peer_wheels.sh`
@@ -45,8 +48,14 @@ lce)
     python3 -m logitkit bench --device cuda --suite linear-ce --json "$OUT/linear_ce-cuda-$stamp.json" 2>&1 \
         | tee -a "$log" | tail -30
     ;;
+tune)
+    # Stops itself at the budget and rewrites the JSON after every case; the summary table prints last.
+    # shellcheck disable=SC2086  # TUNE_ARGS is word-split on purpose
+    python3 -m benchmarks.tune --device cuda --budget-s "${TUNE_BUDGET_S:-420}" --out "$OUT/tune-cuda-$stamp.json" \
+        ${TUNE_ONLY:+--only "$TUNE_ONLY"} ${TUNE_ARGS:-} 2>&1 | tee -a "$log" | tail -60
+    ;;
 *)
-    echo "unknown phase '$phase': check | softmax | ce | lce" >&2
+    echo "unknown phase '$phase': check | softmax | ce | lce | tune" >&2
     exit 2
     ;;
 esac

@@ -1,7 +1,9 @@
 """Block and warp tables for every kernel: the one place with tuning numbers (STYLE.md).
 
 Each section is owned by one op family; append a new ``# <op>`` section rather than editing another one.
-Nothing here queries a device at import time.
+Nothing here queries a device at import time.  ``force_softmax`` / ``force_cross_entropy`` override the tables
+inside a ``with`` block (tests reach every path with them; ``python -m benchmarks.tune`` times candidate blocks
+and warps on a GPU and proposes table entries).
 """
 
 from __future__ import annotations
@@ -14,6 +16,14 @@ from typing import NamedTuple
 
 import torch
 import triton
+
+
+def _check_num_warps(num_warps: int | None) -> None:
+    """The forcing hooks' check: Triton launches 1 to 32 warps (1024 threads) per program, a power of two."""
+    if num_warps is not None and (not isinstance(num_warps, int) or isinstance(num_warps, bool)
+                                  or num_warps < 1 or num_warps > 32 or num_warps & (num_warps - 1)):
+        raise ValueError(f"num_warps must be a power of two from 1 to 32, got {num_warps!r}")
+
 
 # softmax ---------------------------------------------------------------------------------------------------
 # Regimes of the softmax / log_softmax / logsumexp kernels (triton/softmax.py), chosen per (rows R, length N):
@@ -50,12 +60,13 @@ class SoftmaxConfig(NamedTuple):
 
 
 class SoftmaxOverride(NamedTuple):
-    """Test hook: force a regime and/or smaller blocks (see ``force_softmax``)."""
+    """Test and tuning hook: force a regime, blocks and/or warps (see ``force_softmax``)."""
 
     regime: str | None = None
     block_n: int | None = None
     block_m: int | None = None
     split: int | None = None
+    num_warps: int | None = None
 
 
 _override: contextvars.ContextVar[SoftmaxOverride | None] = contextvars.ContextVar(
@@ -65,11 +76,14 @@ _override: contextvars.ContextVar[SoftmaxOverride | None] = contextvars.ContextV
 
 @contextlib.contextmanager
 def force_softmax(regime: str | None = None, *, block_n: int | None = None, block_m: int | None = None,
-                  split: int | None = None) -> Iterator[None]:
-    """Force the softmax-family kernels onto one regime (tests reach every path on small shapes with it)."""
+                  split: int | None = None, num_warps: int | None = None) -> Iterator[None]:
+    """Force the softmax-family kernels onto one regime (tests reach every path on small shapes with it) and/or
+    set blocks and warps per program (benchmarks/tune.py sweeps them); what is left None keeps the table's
+    choice."""
     if regime is not None and regime not in SOFTMAX_REGIMES:
         raise ValueError(f"regime must be one of {SOFTMAX_REGIMES}, got {regime!r}")
-    token = _override.set(SoftmaxOverride(regime, block_n, block_m, split))
+    _check_num_warps(num_warps)
+    token = _override.set(SoftmaxOverride(regime, block_n, block_m, split, num_warps))
     try:
         yield
     finally:
@@ -88,7 +102,9 @@ def target_programs(device: torch.device) -> int:
     return SOFTMAX_CPU_PROGRAMS
 
 
-def _warps(tile: int) -> int:
+def _warps(tile: int, forced: int | None = None) -> int:
+    if forced is not None:
+        return forced
     # About 8 to 16 elements per thread (two 16-byte vectors of bf16), 1 to 16 warps.
     return max(1, min(16, tile // 512))
 
@@ -105,7 +121,7 @@ def softmax_config(R: int, N: int, elem_size: int, strided: bool, device: torch.
     if regime == "row":
         BLOCK_N = n_pow2  # the same padded length in every layout: the same reduction order
         BLOCK_M = ov.block_m or max(min_rows, min(row_tile // BLOCK_N, triton.next_power_of_2(R)))
-        return SoftmaxConfig("row", BLOCK_M, BLOCK_N, 1, N, _warps(BLOCK_M * BLOCK_N))
+        return SoftmaxConfig("row", BLOCK_M, BLOCK_N, 1, N, _warps(BLOCK_M * BLOCK_N, ov.num_warps))
     BLOCK_N = ov.block_n or min(SOFTMAX_CHUNK[elem_size], n_pow2)
     BLOCK_M = ov.block_m or max(1, min(min_rows, row_tile // BLOCK_N))
     row_blocks = triton.cdiv(R, BLOCK_M)
@@ -123,8 +139,9 @@ def softmax_config(R: int, N: int, elem_size: int, strided: bool, device: torch.
     if split > 1:
         seg_chunks = triton.cdiv(chunks, split)
         split = triton.cdiv(chunks, seg_chunks)
-        return SoftmaxConfig("split", BLOCK_M, BLOCK_N, split, seg_chunks * BLOCK_N, _warps(BLOCK_M * BLOCK_N))
-    return SoftmaxConfig("loop", BLOCK_M, BLOCK_N, 1, N, _warps(BLOCK_M * BLOCK_N))
+        return SoftmaxConfig("split", BLOCK_M, BLOCK_N, split, seg_chunks * BLOCK_N,
+                             _warps(BLOCK_M * BLOCK_N, ov.num_warps))
+    return SoftmaxConfig("loop", BLOCK_M, BLOCK_N, 1, N, _warps(BLOCK_M * BLOCK_N, ov.num_warps))
 
 
 # cross-entropy ---------------------------------------------------------------------------------------------
@@ -136,29 +153,49 @@ CE_MAX_BLOCK_V = 16384
 # Under the interpreter each block is NumPy work per program: smaller blocks keep the tests quick.
 CE_MAX_BLOCK_V_CPU = 4096
 
-_ce_block_override: contextvars.ContextVar[int | None] = contextvars.ContextVar(
-    "logitkit_ce_block_override", default=None
+
+class CrossEntropyOverride(NamedTuple):
+    """Test and tuning hook (see ``force_cross_entropy``)."""
+
+    block_v: int | None = None  # a cap on BLOCK_V, or BLOCK_V itself when ``exact``
+    num_warps: int | None = None
+    exact: bool = False
+
+
+_ce_override: contextvars.ContextVar[CrossEntropyOverride | None] = contextvars.ContextVar(
+    "logitkit_ce_override", default=None
 )
 
 
 @contextlib.contextmanager
-def force_cross_entropy(block_v: int) -> Iterator[None]:
-    """Test hook: cap BLOCK_V (a power of two) so short rows take the multi-block (looped) path."""
-    if block_v < 1 or block_v & (block_v - 1):
+def force_cross_entropy(block_v: int | None = None, *, num_warps: int | None = None,
+                        exact: bool = False) -> Iterator[None]:
+    """Test and tuning hook.  ``block_v`` (a power of two) caps BLOCK_V, so short rows take the multi-block
+    (looped) path; with ``exact=True`` it is BLOCK_V itself, past the device cap and V too (the sweep in
+    benchmarks/tune.py tries blocks the table does not give).  ``num_warps`` sets the warps per program."""
+    if block_v is not None and (block_v < 1 or block_v & (block_v - 1)):
         raise ValueError(f"block_v must be a power of two, got {block_v}")
-    token = _ce_block_override.set(block_v)
+    if exact and block_v is None:
+        raise ValueError("exact=True needs a block_v")
+    _check_num_warps(num_warps)
+    token = _ce_override.set(CrossEntropyOverride(block_v, num_warps, exact))
     try:
         yield
     finally:
-        _ce_block_override.reset(token)
+        _ce_override.reset(token)
 
 
 def cross_entropy_config(V: int, device_type: str) -> tuple[int, int]:
     """(BLOCK_V, num_warps) for rows of V classes."""
-    cap = CE_MAX_BLOCK_V if device_type == "cuda" else CE_MAX_BLOCK_V_CPU
-    forced = _ce_block_override.get()
-    if forced is not None:
-        cap = min(cap, forced)
-    block = min(triton.next_power_of_2(max(V, 1)), cap)
+    ov = _ce_override.get() or CrossEntropyOverride()
+    if ov.exact:
+        block = ov.block_v
+    else:
+        cap = CE_MAX_BLOCK_V if device_type == "cuda" else CE_MAX_BLOCK_V_CPU
+        if ov.block_v is not None:
+            cap = min(cap, ov.block_v)
+        block = min(triton.next_power_of_2(max(V, 1)), cap)
+    if ov.num_warps is not None:
+        return block, ov.num_warps
     warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
     return block, warps

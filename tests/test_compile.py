@@ -24,7 +24,18 @@ def cases(X: torch.Tensor, T: torch.Tensor) -> dict:
         "nll_loss": lambda x: logitkit.nll_loss(x, T),
         "selective_log_softmax": lambda x: logitkit.selective_log_softmax(x, T.clamp_min(0)[:, None]),
         "entropy": lambda x: logitkit.entropy(x),
+        # the input as hidden states (M, D) against a fixed (V, D) classifier: both strategies' kernels
+        "linear_cross_entropy": lambda x: logitkit.linear_cross_entropy(
+            x, _classifier(x), T, label_smoothing=0.1, strategy="token_chunks"),
+        "linear_cross_entropy_vocab_blocks": lambda x: logitkit.linear_cross_entropy(
+            x, _classifier(x), T, z_loss=1e-3, strategy="vocab_blocks"),
     }
+
+
+def _classifier(x: torch.Tensor) -> torch.Tensor:
+    """A fixed (V, D) weight for hidden states x (M, D): V = D + 4 classes, so targets of T stay in range."""
+    D = x.shape[-1]
+    return torch.linspace(-1.0, 1.0, (D + 4) * D, dtype=x.dtype, device=x.device).reshape(D + 4, D)
 
 
 CASES = cases(X, T)

@@ -333,3 +333,95 @@ class cross_entropy_ops:
     @staticmethod
     def entropy_bwd(x: Tensor, g: Tensor, h: Tensor, a: Tensor, r: Tensor) -> Tensor:
         return torch.ops.logitkit.entropy_bwd(x, g, h, a, r)
+
+
+# linear cross-entropy --------------------------------------------------------------------------------------
+# The kernels linear cross-entropy runs between its GEMMs: a token chunk's fused cross-entropy with the
+# gradient written over the chunk's logits (``ce_fwd_out_inplace``: ``x`` and the caller's row buffers are
+# written), and the vocab-block passes of triton/linear_cross_entropy.py (pass 1 updates the float64 row
+# state in place, pass 2 writes the block's gradient over its logits).
+
+
+def _lce_kernels():
+    from .triton import linear_cross_entropy as kernels
+
+    return kernels
+
+
+@torch.library.custom_op("logitkit::ce_fwd_out_inplace", mutates_args=("x", "loss", "lse", "entropy"))
+def _ce_fwd_out_inplace_op(x: Tensor, target: Tensor, loss: Tensor, lse: Tensor, entropy: Tensor | None,
+                           weight: Tensor | None, ignore_index: int, label_smoothing: float, z_loss: float,
+                           softcap: float | None, grad_scale: Tensor | None) -> None:
+    _ce_kernels().ce_fwd_out(x, target, loss=loss, lse=lse, entropy=entropy, dx=x, weight=weight,
+                             ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+                             softcap=softcap, grad_scale=grad_scale)
+
+
+@_ce_fwd_out_inplace_op.register_fake
+def _(x, target, loss, lse, entropy, weight, ignore_index, label_smoothing, z_loss, softcap, grad_scale):
+    return None
+
+
+@torch.library.custom_op("logitkit::lce_stats_fwd_", mutates_args=("a", "r", "s", "u", "e", "xt"))
+def _lce_stats_fwd_op(x: Tensor, v0: int, target: Tensor, a: Tensor, r: Tensor, s: Tensor | None,
+                      u: Tensor | None, e: Tensor | None, xt: Tensor, weight: Tensor | None, ignore_index: int,
+                      softcap: float | None) -> None:
+    _lce_kernels().lce_stats_fwd_out(x, v0, target, a=a, r=r, s=s, u=u, e=e, xt=xt, weight=weight,
+                                     ignore_index=ignore_index, softcap=softcap)
+
+
+@_lce_stats_fwd_op.register_fake
+def _(x, v0, target, a, r, s, u, e, xt, weight, ignore_index, softcap):
+    return None
+
+
+@torch.library.custom_op("logitkit::lce_grad_bwd_", mutates_args=("x",))
+def _lce_grad_bwd_op(x: Tensor, v0: int, V: int, target: Tensor, a: Tensor, R: Tensor, L: Tensor, lse: Tensor,
+                     grad_rows: Tensor, weight: Tensor | None, weight_sum: Tensor | None, ignore_index: int,
+                     label_smoothing: float, z_loss: float, softcap: float | None) -> None:
+    _lce_kernels().lce_grad_bwd_out(x, v0, V, target, a=a, R=R, L=L, lse=lse, grad_rows=grad_rows, weight=weight,
+                                    weight_sum=weight_sum, ignore_index=ignore_index,
+                                    label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+
+
+@_lce_grad_bwd_op.register_fake
+def _(x, v0, V, target, a, R, L, lse, grad_rows, weight, weight_sum, ignore_index, label_smoothing, z_loss,
+      softcap):
+    return None
+
+
+def _opt_float(v: float | None) -> float | None:
+    return None if v is None else float(v)
+
+
+class linear_ce_ops:
+    """The kernels of linear cross-entropy, dispatched through the registered ops (what autograd calls)."""
+
+    @staticmethod
+    def ce_chunk(x: Tensor, target: Tensor, *, loss: Tensor, lse: Tensor, entropy: Tensor | None,
+                 weight: Tensor | None, ignore_index: int, label_smoothing: float, z_loss: float,
+                 softcap: float | None, grad_scale: Tensor | None, write_grad: bool) -> None:
+        """A chunk's loss / lse (/ entropy) rows into the given buffers; with ``write_grad`` the gradient
+        (scaled by ``grad_scale`` rows) over ``x``."""
+        if write_grad:
+            torch.ops.logitkit.ce_fwd_out_inplace(x, target, loss, lse, entropy, weight, ignore_index,
+                                                  float(label_smoothing), float(z_loss), _opt_float(softcap),
+                                                  grad_scale)
+        else:
+            torch.ops.logitkit.ce_fwd_out(x, target, loss, lse, entropy, None, weight, None, ignore_index,
+                                          float(label_smoothing), float(z_loss), _opt_float(softcap), grad_scale,
+                                          None)
+
+    @staticmethod
+    def block_stats(x: Tensor, v0: int, target: Tensor, *, a: Tensor, r: Tensor, s: Tensor | None,
+                    u: Tensor | None, e: Tensor | None, xt: Tensor, weight: Tensor | None, ignore_index: int,
+                    softcap: float | None) -> None:
+        torch.ops.logitkit.lce_stats_fwd_(x, v0, target, a, r, s, u, e, xt, weight, ignore_index,
+                                          _opt_float(softcap))
+
+    @staticmethod
+    def block_grad(x: Tensor, v0: int, V: int, target: Tensor, *, a: Tensor, R: Tensor, L: Tensor, lse: Tensor,
+                   grad_rows: Tensor, weight: Tensor | None, weight_sum: Tensor | None, ignore_index: int,
+                   label_smoothing: float, z_loss: float, softcap: float | None) -> None:
+        torch.ops.logitkit.lce_grad_bwd_(x, v0, V, target, a, R, L, lse, grad_rows, weight, weight_sum,
+                                         ignore_index, float(label_smoothing), float(z_loss), _opt_float(softcap))

@@ -88,6 +88,13 @@ def pick_strategy(requested: str, W: Tensor) -> str:
     return "vocab_blocks" if wants_dW and W.dtype in _HALF else "token_chunks"
 
 
+def _kernels():
+    # The kernels behind their torch.library ops (one opaque node each for torch.compile).
+    from .._library import linear_ce_ops
+
+    return linear_ce_ops
+
+
 def _logits(xc: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
     return torch.nn.functional.linear(xc, W, b)
 
@@ -140,11 +147,9 @@ def _chunk_fused(logits: Tensor, tc: Tensor, g_c: Tensor | None, o: _Opts, loss:
                  ent: Tensor | None, want_grad: bool) -> Tensor | None:
     """The fused kernel over one (T, V) chunk: loss/lse (and entropy) rows written in place, and, when asked,
     the gradient written over the logits themselves (read once, written once). Returns the gradient."""
-    from ..triton.cross_entropy import ce_fwd_out
-
-    ce_fwd_out(logits, tc, loss=loss, lse=lse, entropy=ent, dx=logits if want_grad else None, weight=o.weight,
-               ignore_index=o.ignore_index, label_smoothing=o.eps, z_loss=o.z_loss, softcap=o.softcap,
-               grad_scale=g_c)
+    _kernels().ce_chunk(logits, tc, loss=loss, lse=lse, entropy=ent, weight=o.weight, ignore_index=o.ignore_index,
+                        label_smoothing=o.eps, z_loss=o.z_loss, softcap=o.softcap, grad_scale=g_c,
+                        write_grad=want_grad)
     return logits if want_grad else None
 
 
@@ -280,11 +285,9 @@ def _vocab_stats(x: Tensor, W: Tensor, b: Tensor | None, target: Tensor, o: _Opt
     for v0, v1, logits in _vocab_blocks(x, W, b, o.vblock):
         n = v1 - v0
         if o.use_triton:
-            # the fused kernel merges the block into the same float64 state (class indices only)
-            from ..triton.linear_cross_entropy import lce_stats_fwd_out
-
-            lce_stats_fwd_out(logits, v0, target, a=a, r=r, s=S, u=U, e=E, xt=xt, weight=o.weight,
-                              ignore_index=o.ignore_index, softcap=o.softcap)
+            # the block kernel merges the block into the same float64 state (class indices only)
+            _kernels().block_stats(logits, v0, target, a=a, r=r, s=S, u=U, e=E, xt=xt, weight=o.weight,
+                                   ignore_index=o.ignore_index, softcap=o.softcap)
             continue
         for rs in _row_slices(M, n, x.device):
             x2 = ref.capped(logits[rs], o.softcap)
@@ -383,11 +386,9 @@ def _vocab_grads(x: Tensor, W: Tensor, b: Tensor | None, target: Tensor, a: Tens
     for v0, v1, logits in _vocab_blocks(x, W, b, o.vblock):
         n = v1 - v0
         if o.use_triton:
-            from ..triton.linear_cross_entropy import lce_grad_bwd_out
-
             # G_b in fp32, rounded once to the logits' dtype, written over them (read once, written once)
-            lce_grad_bwd_out(logits, v0, V, target, **kstats, ignore_index=o.ignore_index, label_smoothing=eps,
-                             z_loss=o.z_loss, softcap=o.softcap)
+            _kernels().block_grad(logits, v0, V, target, **kstats, ignore_index=o.ignore_index, label_smoothing=eps,
+                                  z_loss=o.z_loss, softcap=o.softcap)
             if db is not None:
                 db[v0:v1] += logits.sum(dim=0, dtype=torch.float64)
         for rs in _row_slices(M, n, x.device) if not o.use_triton else ():

@@ -6,7 +6,6 @@ import os
 import sys
 
 import pytest
-import torch
 
 try:
     import logitkit  # noqa: F401

@@ -195,7 +195,10 @@ def _lse(ctx):
             y_ref, gx_ref = _grad_through(lambda t: logitkit.logsumexp(t, -1), x, g)
             y, gx = _grad_through(lambda t: lkd.logsumexp(t, -1), ctx.split(x, sizes), g)
             out[f"y {dtype}{sizes}"] = err(y, y_ref)
-            out[f"dx {dtype}{sizes}"] = gerr(gx, ctx.split(gx_ref, sizes), ctx.split(gx_ref.abs(), sizes)) / budget("logsumexp", "grad", dtype)
+            out[f"dx {dtype}{sizes}"] = (
+                gerr(gx, ctx.split(gx_ref, sizes), ctx.split(gx_ref.abs(), sizes))
+                / budget("logsumexp", "grad", dtype)
+            )
     return out
 
 
@@ -230,7 +233,10 @@ def _ce(ctx):
                 y, gx = _grad_through(lambda s: lkd.cross_entropy(s, t, w_loc, **kw), ctx.split(x, sizes), g)
                 tag = f"{dtype}{sizes}{opt}"
                 out[f"loss {tag}"] = err(y, y_ref)
-                out[f"dx {tag}"] = gerr(gx, ctx.split(gx_ref, sizes), ctx.split(row_max(gx_ref), sizes)) / budget("cross_entropy", "grad", dtype)
+                out[f"dx {tag}"] = (
+                    gerr(gx, ctx.split(gx_ref, sizes), ctx.split(row_max(gx_ref), sizes))
+                    / budget("cross_entropy", "grad", dtype)
+                )
     return out
 
 
@@ -271,11 +277,17 @@ def _ce_extra(ctx):
         t = torch.randint(0, V, (2, 3), generator=_gen("t3"))
         t[0, 1] = -100
         for kw in (dict(z_loss=1e-3), dict(softcap=5.0), dict(reduction="none", label_smoothing=0.2)):
-            g = torch.randn(2, 3, dtype=dtype, generator=_gen("g3")) if kw.get("reduction") else torch.tensor(1.3, dtype=dtype)
+            g = (
+                torch.randn(2, 3, dtype=dtype, generator=_gen("g3"))
+                if kw.get("reduction") else torch.tensor(1.3, dtype=dtype)
+            )
             y_ref, gx_ref = _grad_through(lambda s: logitkit.cross_entropy(s, t, **kw), x, g)
             y, gx = _grad_through(lambda s: lkd.cross_entropy(s, t, **kw), ctx.split(x, sizes, 1), g)
             out[f"loss {dtype}{kw}"] = err(y, y_ref)
-            out[f"dx {dtype}{kw}"] = gerr(gx, ctx.split(gx_ref, sizes, 1), ctx.split(row_max(gx_ref, 1), sizes, 1)) / budget("cross_entropy", "grad", dtype)
+            out[f"dx {dtype}{kw}"] = (
+                gerr(gx, ctx.split(gx_ref, sizes, 1), ctx.split(row_max(gx_ref, 1), sizes, 1))
+                / budget("cross_entropy", "grad", dtype)
+            )
     return out
 
 
@@ -287,13 +299,18 @@ def _ce_vs(ctx):
     for dtype in DTYPES:
         x = _logits("cevs", 5, V, dtype)
         t = torch.randint(0, V, (5,), generator=_gen("tvs"))
-        y_ref, gx_ref = _grad_through(lambda s: logitkit.cross_entropy(s, t, label_smoothing=0.05), x, torch.tensor(1.0, dtype=dtype))
+        y_ref, gx_ref = _grad_through(
+            lambda s: logitkit.cross_entropy(s, t, label_smoothing=0.05), x, torch.tensor(1.0, dtype=dtype)
+        )
         y, gx = _grad_through(
             lambda s: lkd.cross_entropy(s, t, label_smoothing=0.05, vocab_start=sum(sizes[: ctx.rank])),
             ctx.split(x, sizes), torch.tensor(1.0, dtype=dtype),
         )
         out[f"loss {dtype}"] = err(y, y_ref)
-        out[f"dx {dtype}"] = gerr(gx, ctx.split(gx_ref, sizes), ctx.split(row_max(gx_ref), sizes)) / budget("cross_entropy", "grad", dtype)
+        out[f"dx {dtype}"] = (
+            gerr(gx, ctx.split(gx_ref, sizes), ctx.split(row_max(gx_ref), sizes))
+            / budget("cross_entropy", "grad", dtype)
+        )
     return out
 
 
@@ -312,7 +329,10 @@ def _sel(ctx):
             out[f"y {dtype}{sizes}"] = err(y, y_ref)
             p = logitkit.softmax(x.to(F64), -1)  # dx = scatter(g) - p sum(g): scale |scatter(g)| + p sum |g|
             sc = torch.zeros_like(p).scatter_add_(1, idx, g.abs().to(F64)) + p * g.abs().to(F64).sum(-1, keepdim=True)
-            out[f"dx {dtype}{sizes}"] = gerr(gx, ctx.split(gx_ref, sizes), ctx.split(sc, sizes)) / budget("selective_log_softmax", "grad", dtype)
+            out[f"dx {dtype}{sizes}"] = (
+                gerr(gx, ctx.split(gx_ref, sizes), ctx.split(sc, sizes))
+                / budget("selective_log_softmax", "grad", dtype)
+            )
     return out
 
 
@@ -330,7 +350,10 @@ def _ent(ctx):
             p = logitkit.softmax(x.to(F64), -1)  # dx = -p (log p + H) g: scale p (|log p| + H) |g|
             lp = torch.where(p > 0, p.log(), torch.zeros_like(p))
             sc = p * (lp.abs() + y_ref.to(F64).unsqueeze(-1)) * g.abs().to(F64).unsqueeze(-1)
-            out[f"dx {dtype}{sizes}"] = gerr(gx, ctx.split(gx_ref, sizes), ctx.split(sc, sizes)) / budget("entropy", "grad", dtype)
+            out[f"dx {dtype}{sizes}"] = (
+                gerr(gx, ctx.split(gx_ref, sizes), ctx.split(sc, sizes))
+                / budget("entropy", "grad", dtype)
+            )
     return out
 
 

@@ -210,7 +210,7 @@ def index_tensor(x: Tensor, index: object, d: int) -> Tensor:
         raise TypeError(f"index must be an integer tensor, got {index.dtype}")
     if index.dim() != x.dim():
         raise ValueError(f"index must have as many dimensions as input ({x.dim()}), got {index.dim()}")
-    for i, (a, b) in enumerate(zip(index.shape, x.shape)):
+    for i, (a, b) in enumerate(zip(index.shape, x.shape, strict=True)):
         if i != d and a != b:
             raise ValueError(
                 f"index of shape {tuple(index.shape)} must match input {tuple(x.shape)} in every dimension but dim={d}"

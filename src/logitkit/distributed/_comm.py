@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-_ACTIVE: list["CollectiveCounter"] = []
+_ACTIVE: list[CollectiveCounter] = []
 
 
 class CollectiveCounter:
@@ -28,7 +28,7 @@ class CollectiveCounter:
         self.calls: collections.Counter[str] = collections.Counter()
         self.bytes: collections.Counter[str] = collections.Counter()
 
-    def __enter__(self) -> "CollectiveCounter":
+    def __enter__(self) -> CollectiveCounter:
         _ACTIVE.append(self)
         return self
 

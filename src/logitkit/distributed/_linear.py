@@ -7,7 +7,8 @@ Math:     logits z = h W_loc^T (+ b_loc) are formed T tokens at a time (T = ``ba
           merge them with the (max, rest-sum) rule: all-reduce(max) -> a, then a rank below the max sends
           (r_loc + 1) exp(a_loc - a), a rank at the max sends r_loc (ties add back their 1s), in one packed
           all-reduce(sum). Backward recomputes each chunk's logits, forms dz = dloss/dz in the working
-          precision and accumulates dW_loc = dz^T h, db_loc = sum dz, dh = dz W_loc.
+          precision (float64 for fp32 inputs, as the single-process path) and accumulates dW_loc = dz^T h,
+          db_loc = sum dz (float64), dh = dz W_loc.
 Traffic:  forward 2 all-reduces: M (+ 2 per rank) values, then M * (4..6) + 2 float64 values; backward
           1 all-reduce of dh (M * D, the input gradient every vocab-parallel linear needs;
           ``reduce_input_grad=False`` leaves it to the caller). Memory: O(T * V_local) temporaries, never
@@ -193,7 +194,7 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
         else:
             loss = row.sum() if reduction == "sum" else row.sum() / denom
         ctx.opts = (prob, ignore_index, reduction, eps, chunk, shard.start, size, C, group, reduce_input_grad, wd)
-        ctx.save_for_backward(h, w_loc, b_loc, target, cwl, a, L.to(wd), w_t.to(wd), W.to(wd), denom)
+        ctx.save_for_backward(h, w_loc, b_loc, target, cwl, a, L, w_t, W, denom)  # row statistics in float64
         return loss.to(loss_dtype(wd))
 
     @staticmethod
@@ -202,6 +203,10 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
         h, w_loc, b_loc, target, cw_loc, a, L, w_t, W, denom = ctx.saved_tensors
         prob, ignore_index, reduction, eps, chunk, start, size, C, group, reduce_input_grad, wd = ctx.opts
         M = h.shape[0]
+        # dz in float64 for fp32 / fp64 inputs, float32 for half ones (rounded to half once): as the
+        # single-process path's pass 2; fp32 dz put dW / db a few fp32 ulps beyond torch's own fp32 error
+        wd = torch.float64 if h.dtype in (torch.float32, torch.float64) else wd
+        a, L, w_t, W = a.to(wd), L.to(wd), w_t.to(wd), W.to(wd)
         if reduction == "none":
             gr = g.to(wd)
         else:
@@ -213,9 +218,11 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
         cwl = cw_loc.to(wd) if cw_loc is not None else None
         Wv = W if cw_loc is not None else float(C)
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        dh = torch.zeros(h.shape, dtype=wd, device=h.device) if need_h else None
+        out_dt = working_dtype(h.dtype)
+        dh = torch.zeros(h.shape, dtype=out_dt, device=h.device) if need_h else None  # all-reduced: not float64
         dw = torch.zeros(w_loc.shape, dtype=wd, device=h.device) if need_w else None
-        db = torch.zeros(size, dtype=wd, device=h.device) if need_b and b_loc is not None else None
+        # db sums M rows of dz: float64 (a vector of V_local), so the chunks' partial sums add no fp32 roundings
+        db = torch.zeros(size, dtype=torch.float64, device=h.device) if need_b and b_loc is not None else None
         zeros = torch.zeros(1, dtype=wd, device=h.device)
         for c0 in range(0, M if size > 0 else 0, chunk):
             sl = slice(c0, min(c0 + chunk, M))
@@ -236,7 +243,7 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
             if dw is not None:
                 dw.addmm_(dz.t(), h[sl].to(wd))
             if db is not None:
-                db += dz.sum(dim=0)
+                db += dz.sum(dim=0, dtype=torch.float64)
         if dh is not None and reduce_input_grad:
             _comm.all_reduce(dh, "sum", group)  # dh = sum over shards of dz W_loc: the one backward collective
         return (

@@ -33,7 +33,8 @@ case "$phase" in
 check)
     # The kernel test files run on CUDA tensors when a GPU is present (no interpreter); slow marks excluded.
     python3 -m pytest -q -x -m "not slow" -p no:cacheprovider \
-        tests/test_triton_softmax.py tests/test_triton_cross_entropy.py tests/test_linear_cross_entropy.py \
+        tests/test_triton_softmax.py tests/test_triton_cross_entropy.py tests/test_triton_linear_cross_entropy.py \
+        tests/test_linear_cross_entropy.py \
         tests/test_compile.py 2>&1 | tee -a "$log" | tail -15
     ;;
 softmax)

@@ -25,6 +25,9 @@ from triton.runtime.jit import JITFunction
 
 assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON_INTERPRET: this compiles"
 
+if any(a in ("-h", "--help") for a in sys.argv[1:]):
+    print(__doc__)
+    sys.exit(0)
 ARCH = int(sys.argv[1]) if len(sys.argv) > 1 else 90
 SIZES = sys.argv[2] if len(sys.argv) > 2 else "gpu"
 

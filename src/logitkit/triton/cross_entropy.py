@@ -160,6 +160,19 @@ def _minus(u, hi, lo):
 
 
 @triton.jit
+def _row_coeffs(w_t, W, valid, eps, V, z, lse, HAS_EPS: tl.constexpr, HAS_Z: tl.constexpr):
+    """(eps / V, hard = (1 - eps) w_t, c1 = hard + (eps / V) W + 2 z lse) of a row; c1 = 0 on ignored rows."""
+    eps_over_v = div_rn(eps, V * 1.0)
+    hard = (1.0 - eps) * w_t
+    c1 = hard
+    if HAS_EPS:
+        c1 = c1 + eps_over_v * W
+    if HAS_Z:
+        c1 = c1 + 2.0 * z * lse
+    return eps_over_v, hard, tl.where(valid, c1, 0.0)
+
+
+@triton.jit
 def _ce_block(x, cols, mask, t, valid, a_ref, r, L, w_ptr, c1, hard, eps_over_v, cap,
               HAS_W: tl.constexpr, HAS_EPS: tl.constexpr, HAS_CAP: tl.constexpr, EXACT: tl.constexpr):
     """One block's (unscaled gradient, sum w d, sum p d) given the row's final (a, r, L)."""
@@ -233,14 +246,7 @@ def _ce_fwd_kernel(
         W = to_f32(tl.load(wsum_ptr))
     else:
         W = V * 1.0
-    eps_over_v = div_rn(eps, V * 1.0)
-    hard = (1.0 - eps) * w_t
-    c1 = hard
-    if HAS_EPS:
-        c1 = c1 + eps_over_v * W
-    if HAS_Z:
-        c1 = c1 + 2.0 * z * lse
-    c1 = tl.where(valid, c1, 0.0)
+    eps_over_v, hard, c1 = _row_coeffs(w_t, W, valid, eps, V, z, lse, HAS_EPS, HAS_Z)
     # gradient scale of this row: upstream g (per row or broadcast) / mean denominator; 0 on ignored rows
     s = 1.0
     if HAS_G:

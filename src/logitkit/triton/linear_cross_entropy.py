@@ -35,7 +35,15 @@ import triton.language as tl
 from torch import Tensor
 
 from ._lib import FP_OPTIONS, TWO_M64, div_rn, exp_acc, exp_scaled, round_to, tanh_acc, to_f32
-from .cross_entropy import _block_config, _block_state, _ce_block, _load_row_block, _row_stats, _shift
+from .cross_entropy import (
+    _block_config,
+    _block_state,
+    _ce_block,
+    _load_row_block,
+    _row_coeffs,
+    _row_stats,
+    _shift,
+)
 
 # ---------------------------------------------------------------------------------------------------------
 # Pass 1: block statistics merged into the row state
@@ -174,14 +182,7 @@ def _lce_grad_kernel(
     else:
         w_t = tl.where(valid, 1.0, 0.0)
         W = V * 1.0
-    eps_over_v = div_rn(eps, V * 1.0)
-    hard = (1.0 - eps) * w_t
-    c1 = hard
-    if HAS_EPS:
-        c1 = c1 + eps_over_v * W
-    if HAS_Z:
-        c1 = c1 + 2.0 * z * lse
-    c1 = tl.where(valid, c1, 0.0)
+    eps_over_v, hard, c1 = _row_coeffs(w_t, W, valid, eps, V, z, lse, HAS_EPS, HAS_Z)
     s = tl.where(valid, to_f32(tl.load(g_ptr + row)), 0.0)  # upstream gradient of the row (mean included)
     if HAS_W:
         w_blk = w_ptr + v0

@@ -391,29 +391,30 @@ def _vocab_grads(x: Tensor, W: Tensor, b: Tensor | None, target: Tensor, a: Tens
                                   z_loss=o.z_loss, softcap=o.softcap)
             if db is not None:
                 db[v0:v1] += logits.sum(dim=0, dtype=torch.float64)
-        for rs in _row_slices(M, n, x.device) if not o.use_triton else ():
-            lr = logits[rs]
-            x2 = ref.capped(lr, o.softcap)
-            # y = (x - a) - L: both terms <= 0, the first exact (a copy: x2 may be the logits themselves)
-            y = x2.to(wk, copy=True).sub_(a_s[rs]).sub_(L[rs])
-            res = torch.exp(y).mul_(gc1[rs])  # g c1 p_j
-            if o.prob:
-                u = _smoothed_q(target[rs, v0:v1].to(wk), o, None if w is None else w[v0:v1], C)
-                res.sub_(u.mul_(g[rs]))  # g (c1 p_j - u_j)
-            else:
-                if eps > 0.0:
-                    res.sub_(g_eps[rs] * (w[v0:v1] if w is not None else 1.0))
-                j = t_safe[rs] - v0
-                inb = valid[rs] & (j >= 0) & (j < n)
-                j = j.clamp(0, n - 1)
-                y_t = y.gather(1, j)
-                at_t = (hard[rs] * torch.expm1(y_t) + at_c[0][rs] * torch.exp(y_t) - at_c[1][rs]) * g[rs]
-                res.scatter_(1, j, torch.where(inb, at_t, res.gather(1, j)))
-            if o.softcap is not None:
-                res.mul_(1.0 - (x2.to(wk) / o.softcap) ** 2)  # d/dx c tanh(x / c) = 1 - (capped / c)^2
-            if db is not None:
-                db[v0:v1] += res.sum(dim=0)
-            lr.copy_(res)  # G_b rounded once to the input dtype, over the logits (read once, written once)
+        else:
+            for rs in _row_slices(M, n, x.device):
+                lr = logits[rs]
+                x2 = ref.capped(lr, o.softcap)
+                # y = (x - a) - L: both terms <= 0, the first exact (a copy: x2 may be the logits themselves)
+                y = x2.to(wk, copy=True).sub_(a_s[rs]).sub_(L[rs])
+                res = torch.exp(y).mul_(gc1[rs])  # g c1 p_j
+                if o.prob:
+                    u = _smoothed_q(target[rs, v0:v1].to(wk), o, None if w is None else w[v0:v1], C)
+                    res.sub_(u.mul_(g[rs]))  # g (c1 p_j - u_j)
+                else:
+                    if eps > 0.0:
+                        res.sub_(g_eps[rs] * (w[v0:v1] if w is not None else 1.0))
+                    j = t_safe[rs] - v0
+                    inb = valid[rs] & (j >= 0) & (j < n)
+                    j = j.clamp(0, n - 1)
+                    y_t = y.gather(1, j)
+                    at_t = (hard[rs] * torch.expm1(y_t) + at_c[0][rs] * torch.exp(y_t) - at_c[1][rs]) * g[rs]
+                    res.scatter_(1, j, torch.where(inb, at_t, res.gather(1, j)))
+                if o.softcap is not None:
+                    res.mul_(1.0 - (x2.to(wk) / o.softcap) ** 2)  # d/dx c tanh(x / c) = 1 - (capped / c)^2
+                if db is not None:
+                    db[v0:v1] += res.sum(dim=0)
+                lr.copy_(res)  # G_b rounded once to the input dtype, over the logits (read once, written once)
         if dW is not None:
             torch.mm(logits.t(), x, out=dW[v0:v1])  # fp32-accumulated GEMM over all M tokens, rounded once
         if dx is not None:
@@ -429,7 +430,7 @@ def _kernel_row_stats(a: Tensor, L: Tensor, g_rows: Tensor, o: _Opts) -> dict:
     R = (torch.expm1(L) * 2.0**64).view(-1).to(f32)
     lse = torch.where(torch.isinf(a), a, a + L).view(-1).to(f32)
     wsum = o.weight.to(torch.float64).sum().to(f32).reshape(1) if o.weight is not None else None
-    return dict(a=a_ref, R=R, L=L.view(-1).to(f32), lse=lse, grad_rows=g_rows.to(f32).contiguous(),
+    return dict(a=a_ref, R=R, L=L.view(-1).to(f32), lse=lse, grad_rows=g_rows.to(f32),
                 weight=o.weight, weight_sum=wsum)
 
 

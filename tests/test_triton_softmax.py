@@ -173,7 +173,8 @@ def test_layouts_bit_for_bit(regime):
 
 def _special_rows(dtype):
     """Rows of length 37 with the NUMERICS.md special cases, and a mask (expanded, stride 0 over the batch)."""
-    x = torch.randn(7, 37, dtype=F64).mul(3).to(dtype)
+    # Seeded: the global generator's state depends on which tests an xdist worker ran before this one.
+    x = torch.randn(7, 37, dtype=F64, generator=torch.Generator().manual_seed(5)).mul(3).to(dtype)
     x[1] = -math.inf  # all -inf
     x[2, 5] = math.inf  # +inf in the row
     x[3, 30] = math.nan  # NaN (masked out below)
@@ -186,15 +187,32 @@ def _special_rows(dtype):
     return x.to(DEVICE), keep.to(DEVICE).expand(7, 37)
 
 
-def _assert_same_specials_close(a, b, rel, what):
-    """NaN where b is NaN, equal where b is +-inf or 0, elsewhere |a - b| <= rel * max |b|."""
+def _finite_part(a, b, what):
+    """Asserts NaN where b is NaN and equality where b is +-inf or 0; returns (a, b, the other entries)."""
     a, b = a.cpu().double(), b.cpu().double()
     assert torch.equal(torch.isnan(a), torch.isnan(b)), what
     special = (~torch.isfinite(b) | (b == 0)) & ~torch.isnan(b)
     assert torch.equal(a[special], b[special]), what
-    finite = torch.isfinite(b) & ~special
+    return a, b, torch.isfinite(b) & ~special
+
+
+def _assert_same_specials_close(a, b, rel, what):
+    """Specials as _finite_part, elsewhere |a - b| <= rel * max |b|."""
+    a, b, finite = _finite_part(a, b, what)
     if finite.any():
         assert (a - b)[finite].abs().max() <= rel * b[finite].abs().max(), what
+
+
+def _assert_same_specials_scaled(a, b, scale, dtype, what):
+    """Specials as _finite_part, elsewhere NUMERICS.md's condition-scaled gradient error within GRAD_SCALED.
+
+    Not |a - b| against max |b|: a softmax gradient y * (g - sum(g * y)) cancels, so an entry with large y
+    carries y * eps * sum |g y| of rounding while max |b| may be small (that bound failed for ~5% of inputs).
+    """
+    a, b, finite = _finite_part(a, b, what)
+    if finite.any():
+        err = oracle.scaled_error(a[finite], b[finite], scale.cpu()[finite], dtype)
+        assert err.max() <= GRAD_SCALED[dtype], what + (err.max().item(),)
 
 
 # Special values and mask= (expanded, stride 0): values exactly as the reference path where special (NaN, inf,
@@ -217,6 +235,7 @@ def test_specials_and_mask(regime, dtype):
                 got = fn(x)
                 ggot = _grad(fn, x, g)
             m64 = None if mask is None else mask.cpu()
+            xm = x.cpu() if mask is None else x.cpu().masked_fill(~m64, -math.inf)
             if op == "logsumexp":  # the reference path's convention: an all -inf row has gradient 0
                 with logitkit.use_backend("reference"):
                     gwant = _grad(fn, x, g)
@@ -224,7 +243,8 @@ def test_specials_and_mask(regime, dtype):
                 gwant = getattr(oracle, op + "_bwd")(x.cpu(), g.cpu(), 1, mask=m64)
             what = (op, mask is None)
             _assert_same_specials_close(got, want, 4 * eps, what + ("value",))
-            _assert_same_specials_close(ggot, gwant, 8 * eps, what + ("grad",))
+            _, scale = _grad_truth(op, xm, g.cpu(), 1)
+            _assert_same_specials_scaled(ggot, gwant, scale, dtype, what + ("grad",))
 
 
 def test_masked_log_softmax_gradient_ignores_masked_upstream():

@@ -33,10 +33,11 @@ def _providers(op: str, dim: int):
 
     lk = getattr(logitkit, op)
     tf = getattr(torch, op)
+    # logitkit first and torch.compile (a compile per case) last: a case cut short by a device limit still
+    # has the numbers that matter most.
     out = {
-        "torch": lambda x: tf(x, dim),
-        "torch.compile": torch.compile(lambda x: tf(x, dim)),
         "logitkit": lambda x: lk(x, dim=dim),
+        "torch": lambda x: tf(x, dim),
     }
     try:
         from liger_kernel.transformers.functional import liger_softmax  # noqa: F401
@@ -45,50 +46,90 @@ def _providers(op: str, dim: int):
             out["liger"] = lambda x: liger_softmax(x)
     except Exception as exc:  # a missing peer skips its column
         print(f"liger unavailable: {exc!r}", file=sys.stderr)
+    out["torch.compile"] = torch.compile(lambda x: tf(x, dim))
     return out
 
 
-def run(quick: bool = False) -> dict:
+def _copy_tbs() -> float:
+    """Device-to-device copy of 1 GiB (read + write), in TB/s: the ceiling, measured in the same run."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / _bench(lambda: dst.copy_(src)) / 1e9
+
+
+# The order in which cases run: spread over the row lengths first, so that a run stopped by its budget still
+# covers short, long and split-row lengths in both dtypes and layouts.
+N_PRIORITY = (4096, 131072, 1048576, 256, 32768, 262144, 1024)
+
+
+def cases(quick: bool = False, ns=None, dtypes=None) -> list[tuple[str, int, str]]:
+    """(dtype name, N, layout) in run order; ``ns`` / ``dtypes`` narrow the grid."""
+    order = [n for n in N_PRIORITY if n in NS[:2]] if quick else list(N_PRIORITY)
+    if ns is not None:
+        bad = sorted(set(ns) - set(NS))
+        if bad:
+            raise ValueError(f"ns must be among {NS}, got {bad}")
+        order = [n for n in order if n in ns]
+    names = list(DTYPES) if dtypes is None else [d for d in DTYPES if d in dtypes]
+    if dtypes is not None and len(names) != len(set(dtypes)):
+        raise ValueError(f"dtypes must be among {tuple(DTYPES)}, got {list(dtypes)}")
+    return [(d, n, layout) for n in order for d in names for layout in ("last", "non-last")]
+
+
+def run(quick: bool = False, budget_s: float | None = None, on_row=None, ns=None, dtypes=None) -> dict:
+    """The grid (or its ``ns`` x ``dtypes`` part); cases start while ``budget_s`` lasts; ``on_row(payload)`` after
+    every row (the CLI rewrites its JSON there, so a killed run still leaves what it measured)."""
+    deadline = harness.Deadline(budget_s)
+    todo = cases(quick, ns, dtypes)
     rows = []
-    copy_src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    copy_dst = torch.empty_like(copy_src)
-    copy_ms = _bench(lambda: copy_dst.copy_(copy_src))
-    copy_tbs = 2 * copy_src.numel() / copy_ms / 1e9
-    for dname, (dtype, elems) in DTYPES.items():
-        for N in NS[:2] if quick else NS:
-            M = elems // N
-            for layout, dim in (("last", -1), ("non-last", 0)):
-                x = torch.randn((M, N) if dim == -1 else (N, M), device="cuda", dtype=dtype)
-                for op in OPS:
-                    for name, fn in _providers(op, dim).items():
-                        row = dict(dtype=dname, N=N, M=M, layout=layout, op=op, provider=name)
-                        try:
-                            ms_f = _bench(lambda f=fn, t=x: f(t))
-                            xg = x.detach().requires_grad_()
-                            dy = torch.randn_like(x)
-                            ms_b = _bench(lambda f=fn, t=xg, d=dy: torch.autograd.grad(f(t), t, d))
-                        except Exception as exc:
-                            row["error"] = repr(exc)[:200]
-                            rows.append(row)
-                            continue
-                        nbytes = x.numel() * x.element_size()
-                        row.update(fwd_ms=ms_f, fwdbwd_ms=ms_b,
-                                   fwd_tbs=2 * nbytes / ms_f / 1e9, fwdbwd_tbs=5 * nbytes / ms_b / 1e9)
-                        row.update(fwd_frac=row["fwd_tbs"] / copy_tbs, fwdbwd_frac=row["fwdbwd_tbs"] / copy_tbs)
-                        rows.append(row)
-                        print(json.dumps(row), flush=True)
-    return dict(meta=harness.metadata("cuda"), copy_tbs=copy_tbs, rows=rows)
+    copy_tbs = _copy_tbs()
+    payload = dict(meta=harness.metadata("cuda"), copy_tbs=copy_tbs, rows=rows, truncated=None)
+    while todo and not deadline.expired():
+        dname, N, layout = todo.pop(0)
+        dtype, elems = DTYPES[dname]
+        M = elems // N
+        dim = -1 if layout == "last" else 0
+        x = torch.randn((M, N) if dim == -1 else (N, M), device="cuda", dtype=dtype)
+        for op in OPS:
+            for name, fn in _providers(op, dim).items():
+                row = dict(dtype=dname, N=N, M=M, layout=layout, op=op, provider=name)
+                try:
+                    ms_f = _bench(lambda f=fn, t=x: f(t))
+                    xg = x.detach().requires_grad_()
+                    dy = torch.randn_like(x)
+                    ms_b = _bench(lambda f=fn, t=xg, d=dy: torch.autograd.grad(f(t), t, d))
+                except Exception as exc:
+                    row["error"] = repr(exc)[:200]
+                    rows.append(row)
+                    continue
+                # ideal bytes: forward reads x and writes y (2 passes); forward+backward adds read y, read dy,
+                # write dx (5 passes in all)
+                nbytes = x.numel() * x.element_size()
+                row.update(fwd_ms=ms_f, fwdbwd_ms=ms_b,
+                           fwd_tbs=2 * nbytes / ms_f / 1e9, fwdbwd_tbs=5 * nbytes / ms_b / 1e9)
+                row.update(fwd_frac=row["fwd_tbs"] / copy_tbs, fwdbwd_frac=row["fwdbwd_tbs"] / copy_tbs)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                if on_row is not None:
+                    on_row(payload)
+        del x
+    payload["truncated"] = deadline.truncation(todo)
+    return payload
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=None, help="start no case after this many seconds")
     args = ap.parse_args(argv)
-    payload = run(quick=args.quick)
-    if args.out:
-        harness.write_json(args.out, payload)
+    save = (lambda p: harness.write_json(args.out, p)) if args.out else None
+    payload = run(quick=args.quick, budget_s=args.budget_s, on_row=save)
+    if save:
+        save(payload)
     print(f"copy {payload['copy_tbs']:.2f} TB/s")
+    if payload["truncated"]:
+        print(f"budget spent: {len(payload['truncated']['cases_left'])} cases not run")
     for r in payload["rows"]:
         if "error" not in r:
             print(f"{r['dtype']:5} N={r['N']:>8} {r['layout']:8} {r['op']:12} {r['provider']:14} "

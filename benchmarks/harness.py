@@ -116,6 +116,32 @@ def write_json(path: str | os.PathLike, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
 
 
+class Deadline:
+    """A suite's time budget: a case starts only while time is left (``budget_s=None``: no budget).
+
+    A device call has a hard wall-clock limit (../shared/gpu/README.md); a suite that stops itself between
+    cases, with its JSON written after every row, returns a partial but honest table instead of being killed
+    with nothing written.  ``truncation(left)`` is what the payload records about the cases not run."""
+
+    def __init__(self, budget_s: float | None):
+        if budget_s is not None and not budget_s >= 0:
+            raise ValueError(f"budget_s must be None or a non-negative number of seconds, got {budget_s!r}")
+        self.budget_s = budget_s
+        self.start = time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def expired(self) -> bool:
+        return self.budget_s is not None and self.elapsed() >= self.budget_s
+
+    def truncation(self, left: list) -> dict | None:
+        """None when every case ran; else the budget, the time spent and the cases left out (as strings)."""
+        if not left:
+            return None
+        return {"budget_s": self.budget_s, "elapsed_s": round(self.elapsed(), 1), "cases_left": [str(c) for c in left]}
+
+
 # ------------------------------------------------------------------------------------------------ timing
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)

@@ -144,15 +144,28 @@ def _memory_worker(spec: str) -> None:
     print(json.dumps({"peak_extra_bytes": max(peak - before, 0), "error": None}))
 
 
-def run(device: str = "cpu", quick: bool = False, console=None, shapes=None, providers=None) -> dict:
-    """Every shape of ``device`` (quick or not) and every provider; ``shapes`` / ``providers`` (names) narrow it."""
+def run(device: str = "cpu", quick: bool = False, console=None, shapes=None, providers=None,
+        budget_s: float | None = None, on_row=None) -> dict:
+    """Every shape of ``device`` (quick or not) and every provider; ``shapes`` / ``providers`` (names) narrow it.
+    A (shape, provider) case starts only while ``budget_s`` lasts (benchmarks.harness.Deadline); ``on_row(payload)``
+    runs after every row."""
+    deadline = harness.Deadline(budget_s)
     rows = []
-    for shape in SHAPES:
+    payload = {"meta": harness.metadata(device), "benchmark": "linear_cross_entropy", "rows": rows,
+               "truncated": None}
+    picked = [s for s in SHAPES if (s[0] in shapes if shapes is not None else (s[5] == device and s[6] == quick))]
+    names = PROVIDERS if providers is None else providers
+    left = []
+    for shape in picked:
         name, M, D, V, dtype, dev, q = shape
-        if (shapes is None and (dev != device or q != quick)) or (shapes is not None and name not in shapes):
+        if deadline.expired():
+            left += [(name, p) for p in names]
             continue
         x, W, t = _inputs(M, D, V, dtype, device)
-        for provider in PROVIDERS if providers is None else providers:
+        for provider in names:
+            if deadline.expired():
+                left.append((name, provider))
+                continue
             fn = _build(provider, device)
             row = {"shape": name, "M": M, "D": D, "V": V, "dtype": str(dtype).removeprefix("torch."),
                    "provider": provider}
@@ -167,8 +180,15 @@ def run(device: str = "cpu", quick: bool = False, console=None, shapes=None, pro
                 rows.append({**row, "skipped": fn})
                 continue
             step = _step(fn, x, W, t)
-            timing = harness.time_cuda(step, quick) if device == "cuda" else harness.time_cpu(
-                step, 0.5 if quick else 5.0, min_reps=3, max_reps=10)
+            try:
+                timing = harness.time_cuda(step, quick) if device == "cuda" else harness.time_cpu(
+                    step, 0.5 if quick else 5.0, min_reps=3, max_reps=10)
+            except Exception as exc:  # noqa: BLE001 - a provider that fails (out of memory, say) leaves its cell
+                rows.append({**row, "skipped": f"failed: {type(exc).__name__}: {exc}"[:300]})
+                x.grad = W.grad = None
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+                continue
             row.update(timing)
             row["tflop_s"] = 6 * M * D * V / (timing["median_ms"] * 1e-3) / 1e12
             if device == "cuda":
@@ -187,6 +207,9 @@ def run(device: str = "cpu", quick: bool = False, console=None, shapes=None, pro
             if console is not None:
                 console.print(f"{name} {provider}: {row['median_ms']:.1f} ms, "
                               f"peak extra {(row.get('peak_extra_bytes') or 0) / 2**20:.0f} MiB", highlight=False)
+            if on_row is not None:
+                on_row(payload)
+        del x, W, t
     torch_rows = {(r["shape"]): r for r in rows if r["provider"] == "torch" and "median_ms" in r}
     for r in rows:
         base = torch_rows.get(r["shape"])
@@ -194,7 +217,8 @@ def run(device: str = "cpu", quick: bool = False, console=None, shapes=None, pro
             r["time_vs_torch"] = r["median_ms"] / base["median_ms"]
             if r.get("peak_extra_bytes") and base.get("peak_extra_bytes"):
                 r["memory_vs_torch"] = r["peak_extra_bytes"] / base["peak_extra_bytes"]
-    return {"meta": harness.metadata(device), "benchmark": "linear_cross_entropy", "rows": rows}
+    payload["truncated"] = deadline.truncation(left)
+    return payload
 
 
 def main(argv=None) -> int:
@@ -208,10 +232,13 @@ def main(argv=None) -> int:
     p.add_argument("--shape", action="append", choices=[s[0] for s in SHAPES],
                    help="only these named shapes (repeatable; overrides the --quick/--device selection)")
     p.add_argument("--provider", action="append", choices=PROVIDERS, help="only these providers (repeatable)")
+    p.add_argument("--budget-s", type=float, default=None, help="start no (shape, provider) case after this many s")
     args = p.parse_args(argv)
     from rich.console import Console
 
-    payload = run(args.device, args.quick, Console(), shapes=args.shape, providers=args.provider)
+    save = (lambda p: harness.write_json(args.json, p)) if args.json else None
+    payload = run(args.device, args.quick, Console(), shapes=args.shape, providers=args.provider,
+                  budget_s=args.budget_s, on_row=save)
     for r in payload["rows"]:
         if "skipped" in r:
             print(f"{r['shape']:12s} {r['provider']:30s} skipped: {r['skipped']}")

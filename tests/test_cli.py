@@ -150,3 +150,57 @@ def test_gpu_softmax_suite_needs_cuda(capsys):
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
     assert main(["bench", "--suite", "gpu-softmax", "--device", "cpu"]) == 2
+
+
+def test_bench_budget_stops_between_cases_and_lists_the_rest(tmp_path, capsys):
+    """--budget-s 0: the budget is checked before each case, so none starts; every case is listed as left out,
+    and the JSON is still written."""
+    json_path = tmp_path / "lce.json"
+    code = main(["bench", "--suite", "linear-ce", "--quick", "--device", "cpu", "--json", str(json_path),
+                 "--budget-s", "0"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    payload = json.loads(json_path.read_text())
+    assert payload["rows"] == [] and payload["truncated"]["budget_s"] == 0
+    from benchmarks import linear_ce
+
+    assert len(payload["truncated"]["cases_left"]) == len(linear_ce.PROVIDERS)
+    assert "cases not run" in out
+
+
+@pytest.mark.parametrize("bad", ["-1", "nan", "inf", "soon"])
+def test_bench_budget_must_be_seconds(bad, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--suite", "linear-ce", "--budget-s", bad])
+    assert "--budget-s" in capsys.readouterr().err
+
+
+def test_deadline_and_case_orders():
+    from benchmarks import gpu_cross_entropy, gpu_softmax, harness
+
+    assert not harness.Deadline(None).expired() and harness.Deadline(0).expired()
+    assert not harness.Deadline(3600).expired() and harness.Deadline(5).truncation([]) is None
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="budget_s"):
+            harness.Deadline(bad)
+    grid = gpu_softmax.cases()
+    # the full grid, each case once, with the spread of row lengths first
+    assert sorted(grid) == sorted((d, n, lay) for d in gpu_softmax.DTYPES for n in gpu_softmax.NS
+                                  for lay in ("last", "non-last"))
+    assert [n for _, n, _ in grid[:12:4]] == [4096, 131072, 1048576]
+    assert {n for _, n, _ in gpu_softmax.cases(quick=True)} == set(gpu_softmax.NS[:2])
+    assert gpu_softmax.cases(ns=[1024], dtypes=["fp32"]) == [("fp32", 1024, "last"), ("fp32", 1024, "non-last")]
+    with pytest.raises(ValueError, match="ns"):
+        gpu_softmax.cases(ns=[1000])
+    with pytest.raises(ValueError, match="dtypes"):
+        gpu_softmax.cases(dtypes=["fp8"])
+    ce = gpu_cross_entropy.cases()
+    assert ce[0] == ("bf16", 8192, 128256) and len(ce) == len(set(ce)) == 6
+
+
+def test_suite_reports_every_row_as_it_lands():
+    from benchmarks import linear_ce
+
+    seen = []
+    payload = linear_ce.run("cpu", True, providers=["torch", "logitkit"], on_row=lambda p: seen.append(len(p["rows"])))
+    assert seen == [1, 2] and payload["truncated"] is None

@@ -34,6 +34,16 @@ def _default_json(kind: str, device: str) -> str:
     return str(root / "benchmarks" / "results" / f"{kind}-{device}-{stamp}.json")
 
 
+def _non_negative_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds >= 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="logitkit", description="Accurate softmax, log-softmax and cross-entropy: accuracy report and benchmarks."
@@ -74,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--shape", nargs="+", metavar="NAME", help="only these named shapes (benchmarks/shapes.py)")
     bench.add_argument(
+        "--budget-s",
+        type=_non_negative_seconds,
+        default=None,
+        metavar="S",
+        help="suites linear-ce, gpu-softmax, gpu-cross-entropy: start no case after S seconds (a device call has "
+        "a hard limit); the cases left out are listed in the JSON",
+    )
+    bench.add_argument(
         "--provider",
         nargs="+",
         metavar="NAME",
@@ -108,19 +126,25 @@ def _accuracy(args, console) -> int:
 def _suite(args, console, device: str) -> int:
     """The per-issue suites that do not fit the (M, V) shape table."""
     harness = _import_benchmarks("harness")
+    path = None if args.json is None else (args.json or _default_json(args.suite, device))
+    # the JSON is rewritten after every row: a run killed by a device limit still leaves what it measured
+    save = None if path is None else (lambda p: harness.write_json(path, p))
     if args.suite == "linear-ce":
-        payload = _import_benchmarks("linear_ce").run(device=device, quick=args.quick, console=console)
+        payload = _import_benchmarks("linear_ce").run(device=device, quick=args.quick, console=console,
+                                                      budget_s=args.budget_s, on_row=save)
     else:
         if device != "cuda":
             console.print(f"[red]--suite {args.suite} needs --device cuda[/]")
             return 2
         module = "gpu_softmax" if args.suite == "gpu-softmax" else "gpu_cross_entropy"
-        payload = _import_benchmarks(module).run(quick=args.quick)
+        payload = _import_benchmarks(module).run(quick=args.quick, budget_s=args.budget_s, on_row=save)
     for row in payload["rows"]:
         console.print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
                       highlight=False)
-    if args.json is not None:
-        path = args.json or _default_json(args.suite, device)
+    if payload.get("truncated"):
+        console.print(f"[yellow]budget of {args.budget_s:g} s spent: {len(payload['truncated']['cases_left'])} "
+                      f"cases not run (listed in the JSON's 'truncated')[/]")
+    if path is not None:
         harness.write_json(path, payload)
         console.print(f"wrote {path}")
     return 0

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import os
 
+import pytest
 import torch
 
 from logitkit.reference import oracle
@@ -12,6 +14,14 @@ F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float6
 
 # NUMERICS.md row lengths that fit the CPU budget: 1, small primes, powers of two and one past them.
 LENGTHS = [1, 2, 3, 7, 8, 33, 1024, 1025]
+
+# Module marks of the Triton kernel test files: they run where the kernels can (a GPU, or the interpreter on
+# the CPU), and NumPy's warnings on inf - inf in guarded lanes of the interpreter are expected.
+KERNEL_MARKS = [
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_available(),
+                       reason="needs TRITON_INTERPRET=1 (or a GPU)"),
+    pytest.mark.filterwarnings("ignore::RuntimeWarning"),
+]
 
 # Dtypes with accuracy targets in NUMERICS.md (float64 is checked against torch and gradcheck instead).
 TARGET_DTYPES = [F16, BF16, F32]

@@ -11,19 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import logitkit as lk
+from _util import KERNEL_MARKS
 
-pytestmark = [
-    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_available(),
-                       reason="needs TRITON_INTERPRET=1 (or a GPU)"),
-    pytest.mark.filterwarnings("ignore::RuntimeWarning"),  # NumPy warns on inf - inf in guarded lanes
-]
+pytestmark = KERNEL_MARKS
 
 triton = pytest.importorskip("triton")
 import logitkit._library  # noqa: E402,F401  (registers the logitkit:: ops)

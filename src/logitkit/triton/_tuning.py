@@ -149,6 +149,10 @@ def softmax_config(R: int, N: int, elem_size: int, strided: bool, device: torch.
 # A row of V <= CE_MAX_BLOCK_V classes is held in registers (read once); a longer row loops over CE_MAX_BLOCK_V
 # chunks twice (online (max, rest) pass, then the gradient pass whose re-read should hit L2).
 # 16384 fp32 working values over 16 warps is 32 per thread.  GPU numbers remain to be taken (no GPU yet).
+# Compiled for sm_90 (benchmarks/aot_compile.py, Triton 3.6.0, 2026-12-06): at 16 warps the register cap is 128
+# per thread; the one-block (SINGLE) variants fit it, while the looped ones (V > 16384) keep 56-104 bytes per
+# thread in local memory (fp16/bf16; 96-176 fp32; with entropy up to 504).  Whether that costs bandwidth, or a
+# smaller looped block / fewer warps does better, is for the GPU sweep (benchmarks/tune.py) to say.
 CE_MAX_BLOCK_V = 16384
 # Under the interpreter each block is NumPy work per program: smaller blocks keep the tests quick.
 CE_MAX_BLOCK_V_CPU = 4096

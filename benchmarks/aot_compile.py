@@ -1,6 +1,7 @@
 """Compile every logitkit Triton kernel specialisation for a CUDA target on a machine without a GPU (no launch).
 
     PYTHONPATH=src python -m benchmarks.aot_compile [arch=90] [gpu|cpu tables]     (without TRITON_INTERPRET)
+    AOT_REVERSE=1 ...: every looped / split second pass in reverse order (_tuning.py "second-pass order")
 
 A GPU-readiness check the interpreter cannot give: every kernel variant (dtypes, regimes, masks, every
 cross-entropy option, the CUDA block/warp tables) goes through Triton's real compiler down to a cubin, and the
@@ -58,7 +59,7 @@ def _run(self, *args, grid, warmup, **kwargs):
     if k is not None:
         COMPILED.setdefault(id(k), k)
         keys = ("LOG", "ONE_TILE", "PHASE", "BLOCK_M", "BLOCK_N", "BLOCK_V", "HAS_MASK", "SINGLE", "HAS_SUMS",
-                "HAS_ENT")
+                "HAS_ENT", "REVERSE")
         flags = {n: v for n, v in kwargs.items() if n in keys}
         META.setdefault(id(k), f"{getattr(args[0], 'dtype', '?')} {flags}")
     return k
@@ -75,6 +76,8 @@ if SIZES == "gpu":  # the CUDA tables (BLOCK_V 16384 / 16 warps, 132 SMs), not t
     ce._block_config = lambda V, device_type: _tuning.cross_entropy_config(V, "cuda")
     lce._block_config = ce._block_config
     _tuning.target_programs = lambda device: 132 * _tuning.SOFTMAX_PROGRAMS_PER_SM
+if os.environ.get("AOT_REVERSE", "0") not in ("", "0"):  # the launchers' tensors are CPU ones: forward otherwise
+    _tuning.second_pass_reverse = lambda reuse_bytes, device: True
 
 t0 = time.time()
 g = torch.Generator().manual_seed(0)

@@ -21,6 +21,9 @@ Bytes (benchmarks/harness.py's ideal bytes): softmax forward 2 passes over M*N (
   TB/s over the median and as a fraction of a device-to-device copy measured in the same run.
 Candidates: per shape a bounded set of (regime, BLOCK_M, BLOCK_N, split, num_warps) (softmax) or (BLOCK_V,
   num_warps) (cross-entropy), deduplicated by the config they resolve to; each runs as that config forced in full.
+  Each takes the second-pass order of _tuning.py's model ("second-pass order"); where the default has a second
+  pass (looped / split), one more candidate is the default with the other order, and the proposal's "order"
+  list gives, per case, the model's order against the flipped one (an "R" in a config label: reverse).
   The table's default runs unforced first and again last (the two medians' spread is the noise floor).
   softmax_config has no direction and no op: one config serves forward and backward of softmax and log_softmax, so
   the proposal gives, besides each shape's best, the best config for the sum of those four times per (dtype,
@@ -195,6 +198,33 @@ def _resolve(case: Case, device: torch.device, spec: dict | None):
         return _tuning.softmax_config(*_softmax_geometry(case), device)
 
 
+def _reverse(case: Case, device: torch.device, spec: dict | None, cfg) -> bool:
+    """The second-pass order the launchers take for ``case`` under ``spec`` with config ``cfg``."""
+    from logitkit.triton import _tuning
+
+    elem = DTYPES[case.dtype].itemsize
+    with _force(case, spec):
+        if case.family == "cross_entropy":
+            return _tuning.cross_entropy_reverse(case.M, case.N, cfg[0], cfg[1], elem, device)
+        # forward reads x; backward y and g (triton/softmax.py's launchers)
+        return _tuning.softmax_reverse(cfg, case.M, case.N, elem * (1 if case.direction == "fwd" else 2), device)
+
+
+def resolved_config(case: Case, device: torch.device, spec: dict | None) -> dict:
+    """config_dict of what ``case`` runs under ``spec``: blocks, warps and second-pass order."""
+    cfg = _resolve(case, device, spec)
+    return config_dict(case, cfg, _reverse(case, device, spec, cfg))
+
+
+def _pinned(case: Case, device: torch.device, spec: dict | None) -> dict:
+    """``spec`` (None: the default's config) forced in full, its second-pass order included, so that a compile
+    worker's 16-row copy of the case (whose model order may differ) builds the kernel the full case launches."""
+    full = dict(spec) if spec else _full_spec(case, device)
+    if "reverse" not in full:
+        full["reverse"] = resolved_config(case, device, spec)["reverse"]
+    return full
+
+
 def _chunked(R: int, block_m: int, sms: int) -> tuple[str | None, ...]:
     """Regimes to try for chunked rows: None (the table's split rule, which splits rows when the row blocks are
     fewer than it wants programs) and, when the row blocks alone fill every multiprocessor once, "loop" (no split)."""
@@ -236,7 +266,7 @@ def _softmax_candidates(case: Case, device: torch.device, prof: Profile) -> list
         for split in (max(2, default.split // 2), default.split * 2):
             specs.append(dict(_softmax_spec(default), split=split))
     seen = {_softmax_key(default)}
-    out = [None]
+    out: list[dict | None] = [None]
     for spec in specs:
         cfg = _resolve(case, device, spec)
         if spec["regime"] is None and cfg.regime == "row":  # the table's rule took the whole row: not a new candidate
@@ -248,6 +278,8 @@ def _softmax_candidates(case: Case, device: torch.device, prof: Profile) -> list
             continue  # (never seen: tests/test_tune.py checks the plan) rather than time a config it does not name
         seen.add(_softmax_key(cfg))
         out.append(full)
+    if default.regime != "row":  # the default with the other second-pass order
+        out.append(dict(_softmax_spec(default), reverse=not _reverse(case, device, None, default)))
     return out
 
 
@@ -258,6 +290,9 @@ def _ce_candidates(case: Case, device: torch.device, prof: Profile) -> list[dict
         for w in _warp_choices(block, prof.ce_per_thread):
             if (block, w) != tuple(default):
                 out.append(dict(block_v=block, num_warps=w, exact=True))
+    if case.N > default[0]:  # looped rows: the default with the other second-pass order
+        out.insert(1, dict(block_v=default[0], num_warps=default[1], exact=True,
+                           reverse=not _reverse(case, device, None, default)))
     return out
 
 
@@ -266,32 +301,36 @@ def candidates(case: Case, device: torch.device, quick: bool) -> list[dict | Non
     prof = PROFILES["cuda" if device.type == "cuda" else "cpu"]
     specs = (_ce_candidates if case.family == "cross_entropy" else _softmax_candidates)(case, device, prof)
     if quick and len(specs) > 1 + QUICK_CANDIDATES:  # spread over the list, its first and last included
-        rest = specs[1:]
-        specs = [None] + [rest[round(i * (len(rest) - 1) / (QUICK_CANDIDATES - 1))] for i in range(QUICK_CANDIDATES)]
+        flipped = [s for s in specs[1:] if "reverse" in s]  # the order experiment stays
+        rest = [s for s in specs[1:] if "reverse" not in s]
+        picks = max(1, QUICK_CANDIDATES - len(flipped))
+        specs = [None] + flipped + [rest[round(i * (len(rest) - 1) / max(1, picks - 1))] for i in range(picks)]
     return specs
 
 
-def config_dict(case: Case, cfg) -> dict:
+def config_dict(case: Case, cfg, reverse: bool = False) -> dict:
     if case.family == "cross_entropy":
-        return {"BLOCK_V": cfg[0], "num_warps": cfg[1]}
+        return {"BLOCK_V": cfg[0], "num_warps": cfg[1], "reverse": reverse}
     return {"regime": cfg.regime, "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "split": cfg.split,
-            "segment": cfg.segment, "num_warps": cfg.num_warps}
+            "segment": cfg.segment, "num_warps": cfg.num_warps, "reverse": reverse}
 
 
 def config_label(config: dict) -> str:
+    order = " R" if config.get("reverse") else ""
     if "BLOCK_V" in config:
-        return f"V{config['BLOCK_V']} w{config['num_warps']}"
+        return f"V{config['BLOCK_V']} w{config['num_warps']}{order}"
     split = f" s{config['split']}" if config["split"] > 1 else ""
-    return f"{config['regime']} {config['BLOCK_M']}x{config['BLOCK_N']}{split} w{config['num_warps']}"
+    return f"{config['regime']} {config['BLOCK_M']}x{config['BLOCK_N']}{split} w{config['num_warps']}{order}"
 
 
 def _compile_key(case: Case, config: dict) -> tuple:
     """What makes a distinct compiled kernel (approximately): kernel, dtype, layout, constexprs, warps."""
     if case.family == "cross_entropy":
-        return (case.family, case.dtype, config["BLOCK_V"], case.N <= config["BLOCK_V"], config["num_warps"])
+        return (case.family, case.dtype, config["BLOCK_V"], case.N <= config["BLOCK_V"], config["num_warps"],
+                config["reverse"])
     s = config["split"]
     return (case.direction, case.op, case.dtype, case.layout, config["regime"], config["BLOCK_M"], config["BLOCK_N"],
-            1 << (s - 1).bit_length() if s > 1 else 1, config["num_warps"])
+            1 << (s - 1).bit_length() if s > 1 else 1, config["num_warps"], config["reverse"])
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -569,7 +608,7 @@ def sweep(device: str = "cuda", quick: bool = False, budget_s: float = 420.0, ou
             log(f"no compile workers: {_error(exc)}")
         else:
             for case, specs in plan:  # the default too, forced in full: its config for 16 rows may differ
-                compiler.submit(case, [dict(spec) if spec else _full_spec(case, dev) for spec in specs])
+                compiler.submit(case, [_pinned(case, dev, spec) for spec in specs])
     n_cand = sum(len(s) for _, s in plan)
     log(f"tune: {len(cases)} cases, {n_cand} candidates, budget {budget_s:.0f} s, {jobs} compile workers")
     payload["copy"] = harness.copy_bandwidth(device, quick)
@@ -600,7 +639,7 @@ def sweep(device: str = "cuda", quick: bool = False, budget_s: float = 420.0, ou
                 if _now() >= deadline:
                     stopped = f"budget spent in case {ci} ({case.label}) at candidate {index} of {len(specs)}"
                     break
-                config = config_dict(case, _resolve(case, dev, spec))
+                config = resolved_config(case, dev, spec)
                 if spec is None:
                     default_config = config
                 row = _row(case, index, spec, config)
@@ -648,9 +687,10 @@ def sweep(device: str = "cuda", quick: bool = False, budget_s: float = 420.0, ou
 
 def _full_spec(case: Case, device: torch.device) -> dict:
     cfg = _resolve(case, device, None)
+    reverse = _reverse(case, device, None, cfg)
     if case.family == "cross_entropy":
-        return dict(block_v=cfg[0], num_warps=cfg[1], exact=True)
-    return _softmax_spec(cfg)
+        return dict(block_v=cfg[0], num_warps=cfg[1], exact=True, reverse=reverse)
+    return dict(_softmax_spec(cfg), reverse=reverse)
 
 
 def _finish(payload: dict, start: float, n_cases: int, stopped: str | None, aborted: str | None) -> None:
@@ -700,6 +740,14 @@ def proposal(rows: list[dict]) -> dict:
                       "label": label, "default": _brief(default), "best": _brief(best), "default_over_best": gain,
                       "noise": noise, "significant": gain - 1 > max(0.02, 2 * (noise or 0.0)),
                       "measured": len(ok), "failed": len(tried) - len(ok)})
+    order = []  # the model's second-pass order (the default) against the flipped one, per case
+    for label, rs in by_case.items():
+        model = [r for r in rs if r["is_default"] and not r.get("repeat_of_default") and _ok(r)]
+        flipped = [r for r in rs if _flipped(r) and _ok(r)]
+        if model and flipped:
+            order.append({"label": label, "model_reverse": model[0]["config"]["reverse"],
+                          "model_ms": model[0]["median_ms"], "flipped_ms": flipped[0]["median_ms"],
+                          "model_over_flipped": model[0]["median_ms"] / flipped[0]["median_ms"]})
     groups: dict[tuple, list[dict]] = {}
     for c in cases:
         if "error" not in c:
@@ -710,13 +758,14 @@ def proposal(rows: list[dict]) -> dict:
         totals: dict[str, float] = {}
         counts: dict[str, int] = {}
         configs: dict[str, dict] = {}
-        for r in rows:
-            if r["label"] in labels and _ok(r) and not r.get("repeat_of_default"):
-                totals[r["config_label"]] = totals.get(r["config_label"], 0.0) + r["median_ms"]
-                counts[r["config_label"]] = counts.get(r["config_label"], 0) + 1
-                configs[r["config_label"]] = r["config"]
+        for r in rows:  # blocks and warps (the table's part), each case in the model's order
+            if r["label"] in labels and _ok(r) and not r.get("repeat_of_default") and not _flipped(r):
+                key = _blocks_label(r["config"])
+                totals[key] = totals.get(key, 0.0) + r["median_ms"]
+                counts[key] = counts.get(key, 0) + 1
+                configs[key] = {k: v for k, v in r["config"].items() if k != "reverse"}
         full = {k: v for k, v in totals.items() if counts[k] == len(cs)}  # measured in every case of the group
-        default_label = cs[0]["default"]["label"]
+        default_label = _blocks_label(cs[0]["default"]["config"])
         if default_label not in full:
             continue
         best_label = min(full, key=full.get)
@@ -726,7 +775,16 @@ def proposal(rows: list[dict]) -> dict:
                         "best": {"config": configs[best_label], "label": best_label, "total_ms": full[best_label]},
                         "default_over_best": full[default_label] / full[best_label],
                         "per_case_best_total_ms": sum(c["best"]["ms"] for c in cs)})
-    return {"cases": cases, "table_entries": entries}
+    return {"cases": cases, "table_entries": entries, "order": order}
+
+
+def _flipped(row: dict) -> bool:
+    """The order experiment: the default's config with the other second-pass order (see candidates)."""
+    return bool(row.get("spec")) and "reverse" in row["spec"]
+
+
+def _blocks_label(config: dict) -> str:
+    return config_label({k: v for k, v in config.items() if k != "reverse"})
 
 
 def summary(payload: dict) -> str:
@@ -749,23 +807,28 @@ def summary(payload: dict) -> str:
                          if by_label[lab]["best"]["frac_copy"] is not None)
         lines.append(f"{name:32s} {e['default']['label']:22s} {e['default']['total_ms']:8.3f}  "
                      f"{e['best']['label']:22s} {e['best']['total_ms']:8.3f} {e['default_over_best']:5.2f}  {fracs}")
+    for o in payload["proposal"].get("order", []):
+        lines.append(f"order {o['label']}: model ({'reverse' if o['model_reverse'] else 'forward'}) "
+                     f"{o['model_ms']:.3f} ms, flipped {o['flipped_ms']:.3f} ms, x{o['model_over_flipped']:.2f}")
     return "\n".join(lines)
 
 
-def print_plan(device: str, quick: bool, sms: int, jobs: int) -> dict:
-    """Candidates per case and a time estimate, for a CUDA sweep on a machine without one (``sms`` multiprocessors)."""
+def print_plan(device: str, quick: bool, sms: int, jobs: int, l2_mib: int = 50) -> dict:
+    """Candidates per case and a time estimate, for a CUDA sweep on a machine without one (``sms`` multiprocessors,
+    ``l2_mib`` MiB of L2)."""
     from unittest import mock
 
     from logitkit.triton import _tuning
 
-    with mock.patch.object(_tuning, "_sm_count", lambda index: sms):
+    with mock.patch.object(_tuning, "_sm_count", lambda index: sms), \
+            mock.patch.object(_tuning, "_l2_bytes", lambda index: l2_mib << 20):
         dev = torch.device(device, 0) if device == "cuda" else torch.device(device)
         cases = plan_cases(device, quick)
         keys, n_runs, per_case = set(), 0, []
         for case in cases:
             specs = candidates(case, dev, quick)
             for spec in specs:
-                keys.add(_compile_key(case, config_dict(case, _resolve(case, dev, spec))))
+                keys.add(_compile_key(case, resolved_config(case, dev, spec)))
             n_runs += len(specs)
             per_case.append((case.label, len(specs)))
     # compile and timing overlap (workers run ahead); their plain sum is the conservative figure
@@ -789,9 +852,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--only", default=None, help="comma-separated substrings of case labels to keep")
     ap.add_argument("--plan", action="store_true", help="print candidates and a time estimate; run nothing")
     ap.add_argument("--sms", type=int, default=132, help="--plan: multiprocessors of the GPU to plan for")
+    ap.add_argument("--l2-mib", type=int, default=50, help="--plan: L2 of the GPU to plan for (MiB)")
     args = ap.parse_args(argv)
     if args.plan:  # for the device machine's 16 cores unless told
-        return print_plan(args.device, args.quick, args.sms, 12 if args.jobs is None else args.jobs)
+        return print_plan(args.device, args.quick, args.sms, 12 if args.jobs is None else args.jobs, args.l2_mib)
     jobs = args.jobs if args.jobs is not None else max(0, min(12, (os.cpu_count() or 1) - 3))
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device here (--plan needs none; --device cpu runs under TRITON_INTERPRET=1)")

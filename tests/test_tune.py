@@ -54,10 +54,8 @@ def test_quick_cpu_run_writes_the_table_and_a_proposal(tmp_path):
         assert r["median_ms"] > 0 and r["tb_s"] > 0 and r["frac_copy"] > 0
         if not r["is_default"]:  # every forced candidate was guarded against the default, and passed
             assert r["check"]["ok"] and r["check"]["nonfinite_mismatch"] == 0, r
-            assert r["spec"] is not None and tune.config_dict(
-                tune.Case(*(r[k] for k in ("family", "op", "direction", "dtype", "layout", "M", "N"))),
-                tune._resolve(tune.Case(*(r[k] for k in ("family", "op", "direction", "dtype", "layout", "M", "N"))),
-                              CPU, r["spec"])) == r["config"]
+            case = tune.Case(*(r[k] for k in ("family", "op", "direction", "dtype", "layout", "M", "N")))
+            assert r["spec"] is not None and tune.resolved_config(case, CPU, r["spec"]) == r["config"]
     # a forced candidate resolves to a config other than the default's, so it ran something else
     for label in {r["label"] for r in d["rows"]}:
         rs = [r for r in d["rows"] if r["label"] == label and not r.get("repeat_of_default")]
@@ -74,10 +72,45 @@ def test_quick_cpu_run_writes_the_table_and_a_proposal(tmp_path):
     assert all(e["best"]["total_ms"] <= e["default"]["total_ms"] for e in entries)
 
 
+def test_second_pass_order_is_swept_where_the_default_loops(tmp_path, monkeypatch):
+    # rows of 512 past a 128 block: the default loops, so the sweep times it in the other order too
+    monkeypatch.setattr(_tuning, "CE_MAX_BLOCK_V_CPU", 128)
+    d = _run(tmp_path, "--only", "cross_entropy", "--jobs", "1")
+    rows = [r for r in d["rows"] if not r.get("repeat_of_default")]
+    default = [r for r in rows if r["is_default"]]
+    flipped = [r for r in rows if r["spec"] and "reverse" in r["spec"]]
+    assert len(default) == len(flipped) == d["status"]["cases_total"] == 1
+    assert default[0]["config"] == {"BLOCK_V": 128, "num_warps": 4, "reverse": False}  # no cache model here
+    assert flipped[0]["config"] == {**default[0]["config"], "reverse": True}
+    assert flipped[0]["config_label"].endswith(" R") and flipped[0]["check"]["ok"]
+    (order,) = d["proposal"]["order"]
+    assert order["model_reverse"] is False and order["model_over_flipped"] > 0
+    info = d["cases"][0]["precompile"]  # the pinned specs (order included) ran in the worker
+    assert info["compiled"] == info["of"] == d["cases"][0]["candidates"] and info["errors"] == 0
+    assert "order " in tune.summary(d)
+
+
+def test_pinned_specs_carry_the_full_shape_order(monkeypatch):
+    """A compile worker runs 16 rows: the spec it gets names the order the full case takes (model: reverse)."""
+    monkeypatch.setattr(_tuning, "_sm_count", lambda idx: 132)
+    monkeypatch.setattr(_tuning, "_l2_bytes", lambda idx: 50 << 20)
+    cuda = torch.device("cuda", 0)
+    case = tune.Case("cross_entropy", "cross_entropy", "fwd+bwd", "bf16", "rows", 4096, 262144)
+    assert tune._pinned(case, cuda, None) == dict(block_v=16384, num_warps=16, exact=True, reverse=True)
+    assert tune._pinned(case, cuda, dict(block_v=8192, num_warps=8, exact=True))["reverse"] is True
+    small = tune.Case("cross_entropy", "cross_entropy", "fwd+bwd", "bf16", "rows", 16, 262144)
+    assert tune.resolved_config(small, cuda, None)["reverse"] is False  # what the 16-row copy would take
+    specs = tune.candidates(case, cuda, quick=True)
+    assert specs[0] is None and specs[1] == dict(block_v=16384, num_warps=16, exact=True, reverse=False)
+    sm = tune.Case("softmax", "softmax", "bwd", "bf16", "last", 256, 1 << 20)
+    assert tune.resolved_config(sm, cuda, None)["regime"] == "split"
+    assert tune.candidates(sm, cuda, quick=False)[-1]["reverse"] is False  # the model reverses: flipped forward
+
+
 def test_budget_zero_writes_a_valid_json_without_rows(tmp_path):
     d = _run(tmp_path, "--budget-s", "0")
     assert d["rows"] == [] and d["status"]["stopped_early"] and d["status"]["cases_done"] == 0
-    assert d["proposal"] == {"cases": [], "table_entries": []}
+    assert d["proposal"] == {"cases": [], "table_entries": [], "order": []}
 
 
 def test_budget_stops_between_candidates(tmp_path, monkeypatch):

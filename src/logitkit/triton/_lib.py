@@ -13,6 +13,8 @@ Names (keep stable):
   The kernels carry the rest sum scaled (R = 2**64 r, so subnormal terms keep their bits): tile_state_scaled,
   merge_state_scaled, merge_state_comp, combine_states_scaled, finish_lse_scaled, exp_scaled* (below).
   FP_OPTIONS                      launch options every kernel using these helpers passes (``**FP_OPTIONS``)
+  chunk_start(start, end, n0, B, R) start column of a second pass's chunk at step n0, last first when R
+  program_index(REV)              tl.program_id(0), counted from the last program when REV
 """
 
 import triton
@@ -351,3 +353,25 @@ def merge_state_comp(a1, R1, C1, a2, R2, C2, EXACT: tl.constexpr):
     C = C_hi + (e + (te + (pe + C_lo * TWO_M64 * s)))
     empty = a_hi == float("-inf")  # two empty states: (-inf, 0, 0); NaN stays NaN through R or C
     return a_hi, tl.where(empty, R_hi + R_lo, R), tl.where(empty, C_hi + C_lo, C)
+
+
+@triton.jit
+def chunk_start(start, end, n0, BLOCK: tl.constexpr, REVERSE: tl.constexpr):
+    """Start column of the chunk a second pass reads at the step whose forward start is ``n0`` (a loop ``for n0 in
+    range(start, end, BLOCK)``): ``n0`` itself, or, when REVERSE, the chunk as far from the last one as ``n0`` is
+    from ``start`` (the last chunk first: the pass re-reads the most recently read lines first; _tuning.py
+    "second-pass order").  The forward loop stays the plain range loop: its code is the same as without this."""
+    if REVERSE:
+        return start + ((end - start - 1) // BLOCK) * BLOCK - (n0 - start)
+    else:
+        return n0
+
+
+@triton.jit
+def program_index(REVERSE: tl.constexpr):
+    """``tl.program_id(0)``, counted from the last program when REVERSE (a second launch walking the first one's
+    order backwards)."""
+    if REVERSE:
+        return tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        return tl.program_id(0)

@@ -18,6 +18,11 @@ import torch
 import triton
 
 
+def _check_reverse(reverse: bool | None) -> None:
+    if reverse is not None and not isinstance(reverse, bool):
+        raise TypeError(f"reverse must be a bool or None, got {reverse!r}")
+
+
 def _check_num_warps(num_warps: int | None) -> None:
     """The forcing hooks' check: Triton launches 1 to 32 warps (1024 threads) per program, a power of two."""
     if num_warps is not None and (not isinstance(num_warps, int) or isinstance(num_warps, bool)
@@ -67,6 +72,7 @@ class SoftmaxOverride(NamedTuple):
     block_m: int | None = None
     split: int | None = None
     num_warps: int | None = None
+    reverse: bool | None = None  # the order of the second pass (see ``second_pass_reverse``)
 
 
 _override: contextvars.ContextVar[SoftmaxOverride | None] = contextvars.ContextVar(
@@ -76,14 +82,16 @@ _override: contextvars.ContextVar[SoftmaxOverride | None] = contextvars.ContextV
 
 @contextlib.contextmanager
 def force_softmax(regime: str | None = None, *, block_n: int | None = None, block_m: int | None = None,
-                  split: int | None = None, num_warps: int | None = None) -> Iterator[None]:
+                  split: int | None = None, num_warps: int | None = None,
+                  reverse: bool | None = None) -> Iterator[None]:
     """Force the softmax-family kernels onto one regime (tests reach every path on small shapes with it) and/or
-    set blocks and warps per program (benchmarks/tune.py sweeps them); what is left None keeps the table's
-    choice."""
+    set blocks and warps per program and the order of the second pass (benchmarks/tune.py sweeps them); what is
+    left None keeps the table's choice."""
     if regime is not None and regime not in SOFTMAX_REGIMES:
         raise ValueError(f"regime must be one of {SOFTMAX_REGIMES}, got {regime!r}")
     _check_num_warps(num_warps)
-    token = _override.set(SoftmaxOverride(regime, block_n, block_m, split, num_warps))
+    _check_reverse(reverse)
+    token = _override.set(SoftmaxOverride(regime, block_n, block_m, split, num_warps, reverse))
     try:
         yield
     finally:
@@ -144,6 +152,79 @@ def softmax_config(R: int, N: int, elem_size: int, strided: bool, device: torch.
     return SoftmaxConfig("loop", BLOCK_M, BLOCK_N, 1, N, _warps(BLOCK_M * BLOCK_N, ov.num_warps))
 
 
+# second-pass order -----------------------------------------------------------------------------------------
+# A looped or split kernel reads its rows twice: a (max, rest-sum) pass, then an output pass.  The model behind
+# the default order (a model, not a measurement: benchmarks/tune.py times both orders on a GPU):
+#   S = bytes read by the programs in flight during one pass (one launch's whole input for the split regime,
+#       whose two passes are two launches), C = the L2 size.
+#   Forward order re-reads every chunk exactly one pass (S bytes of other traffic) after its first read: with an
+#   LRU-like L2 every re-read hits while S < C and nearly none does once S > C (a sequential scan thrashes LRU).
+#   Reverse order re-reads the most recently read chunk first: the reuse distances spread evenly over (0, 2S),
+#   so about min(1, C / 2S) of the re-reads hit, whatever S is.
+#   Not modelled: the output pass's writes (they take L2 lines too), H100's two L2 halves, a policy that is not
+#   LRU.  SECOND_PASS_L2_FRACTION is the knob a measurement would move.
+# So forward while S <= C * SECOND_PASS_L2_FRACTION, reverse beyond.  For the split regime the output launch also
+# takes its programs in reverse order, so that its whole traversal is the state launch's, backwards.  The order
+# changes no value of the elementwise output passes; the cross-entropy kernels' second-pass sums (label
+# smoothing, entropy) are summed in the other order (fp32, within their error bounds).
+SECOND_PASS_L2_FRACTION = 1.0
+# Resident programs per multiprocessor, the model's: limited by the 2048 threads and the 65536 registers of a
+# multiprocessor (and 32 programs), at CHUNKED_REGS registers per thread below 16 warps and the cap (65536 /
+# threads) from 16 warps up.  From the sm_90 compiles (benchmarks/aot_compile.py, Triton 3.9.0, 2026-12-06):
+# softmax's chunked kernels over a contiguous row (4 or 8 warps) use 30-72 registers, the strided ones (16 warps)
+# and looped cross-entropy (16 warps) sit at the 128 cap.  So 4-8 softmax programs and one cross-entropy program
+# per multiprocessor.
+CHUNKED_REGS = {"softmax": 64, "cross_entropy": 128}
+
+
+def programs_per_sm(num_warps: int, family: str) -> int:
+    threads = 32 * num_warps
+    regs = 65536 // threads if num_warps >= 16 else CHUNKED_REGS[family]
+    return max(1, min(32, 2048 // threads, 65536 // (threads * regs)))
+
+
+# L2 bytes assumed where the device properties do not give them (an H100's 50 MiB).
+DEFAULT_L2_BYTES = 50 << 20
+
+
+@functools.cache
+def _l2_bytes(device_index: int) -> int:
+    return getattr(torch.cuda.get_device_properties(device_index), "L2_cache_size", 0) or DEFAULT_L2_BYTES
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def second_pass_reverse(reuse_bytes: int, device: torch.device) -> bool:
+    """The model's order for a second pass whose re-reads are ``reuse_bytes`` (S above) behind the first reads:
+    reverse when S exceeds the L2.  Off a CUDA device (the interpreter) there is no cache to model: forward."""
+    if device.type != "cuda":
+        return False
+    return reuse_bytes > _l2_bytes(_device_index(device)) * SECOND_PASS_L2_FRACTION
+
+
+def in_flight(programs: int, num_warps: int, family: str, device: torch.device) -> int:
+    """Programs of a chunked launch of ``programs`` resident at once (the model's estimate)."""
+    if device.type != "cuda":
+        return min(programs, SOFTMAX_CPU_PROGRAMS)
+    return min(programs, _sm_count(_device_index(device)) * programs_per_sm(num_warps, family))
+
+
+def softmax_reverse(cfg: SoftmaxConfig, R: int, N: int, read_bytes: int, device: torch.device) -> bool:
+    """Order of the output pass of ``cfg`` (forced with ``force_softmax(reverse=)``); ``read_bytes``: bytes read
+    per element (x's element size forward; y's plus g's backward)."""
+    ov = _override.get()
+    if ov is not None and ov.reverse is not None:
+        return ov.reverse and cfg.regime != "row"
+    if cfg.regime == "row":
+        return False
+    if cfg.regime == "split":
+        return second_pass_reverse(R * N * read_bytes, device)
+    rows = in_flight(triton.cdiv(R, cfg.BLOCK_M), cfg.num_warps, "softmax", device) * cfg.BLOCK_M
+    return second_pass_reverse(min(rows, R) * N * read_bytes, device)
+
+
 # cross-entropy ---------------------------------------------------------------------------------------------
 # Kernels of triton/cross_entropy.py (cross-entropy, selective log-softmax, entropy): one program per row.
 # A row of V <= CE_MAX_BLOCK_V classes is held in registers (read once); a longer row loops over CE_MAX_BLOCK_V
@@ -164,6 +245,7 @@ class CrossEntropyOverride(NamedTuple):
     block_v: int | None = None  # a cap on BLOCK_V, or BLOCK_V itself when ``exact``
     num_warps: int | None = None
     exact: bool = False
+    reverse: bool | None = None  # the order of the looped kernels' second pass
 
 
 _ce_override: contextvars.ContextVar[CrossEntropyOverride | None] = contextvars.ContextVar(
@@ -173,16 +255,18 @@ _ce_override: contextvars.ContextVar[CrossEntropyOverride | None] = contextvars.
 
 @contextlib.contextmanager
 def force_cross_entropy(block_v: int | None = None, *, num_warps: int | None = None,
-                        exact: bool = False) -> Iterator[None]:
+                        exact: bool = False, reverse: bool | None = None) -> Iterator[None]:
     """Test and tuning hook.  ``block_v`` (a power of two) caps BLOCK_V, so short rows take the multi-block
     (looped) path; with ``exact=True`` it is BLOCK_V itself, past the device cap and V too (the sweep in
-    benchmarks/tune.py tries blocks the table does not give).  ``num_warps`` sets the warps per program."""
+    benchmarks/tune.py tries blocks the table does not give).  ``num_warps`` sets the warps per program;
+    ``reverse`` the order of the looped kernels' second pass (``cross_entropy_reverse``)."""
     if block_v is not None and (block_v < 1 or block_v & (block_v - 1)):
         raise ValueError(f"block_v must be a power of two, got {block_v}")
     if exact and block_v is None:
         raise ValueError("exact=True needs a block_v")
     _check_num_warps(num_warps)
-    token = _ce_override.set(CrossEntropyOverride(block_v, num_warps, exact))
+    _check_reverse(reverse)
+    token = _ce_override.set(CrossEntropyOverride(block_v, num_warps, exact, reverse))
     try:
         yield
     finally:
@@ -203,3 +287,15 @@ def cross_entropy_config(V: int, device_type: str) -> tuple[int, int]:
         return block, ov.num_warps
     warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
     return block, warps
+
+
+def cross_entropy_reverse(M: int, V: int, block_v: int, num_warps: int, read_bytes: int,
+                          device: torch.device) -> bool:
+    """Order of the second pass of the looped kernels (one program of ``num_warps`` per row, M rows of V > block_v
+    entries; ``read_bytes`` per entry: the logits' element size, plus the targets' for class probabilities)."""
+    ov = _ce_override.get()
+    if ov is not None and ov.reverse is not None:
+        return ov.reverse
+    if V <= block_v:
+        return False
+    return second_pass_reverse(in_flight(M, num_warps, "cross_entropy", device) * V * read_bytes, device)

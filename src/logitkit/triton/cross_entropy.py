@@ -11,7 +11,9 @@ Math:     per row a = max(x), r = rest sum (exp(x - a) over all entries but one 
           Entropy: H = L - sum p d (two non-negative terms); dH/dx = -p (d - L + H).
 Traffic:  one program per row.  A row that fits one block (V <= BLOCK_V) is read once and, with the gradient
           fused, written once.  A longer row is read twice (the online (max, rest) pass, then the gradient
-          pass, whose second read comes from L2 while few rows are in flight) and written once.  Forward only
+          pass, whose second read comes from L2 while few rows are in flight) and written once; the second
+          pass takes the blocks last first when the rows in flight outgrow the L2 (_tuning.py "second-pass
+          order": the re-reads then start with the most recently read lines).  Forward only
           writes fp32 per-row loss / lse (/ entropy); nothing of size M * V besides the gradient.
 Numerics: fp32 working precision (no float64 on the GPU); for fp32 (or softcapped) logits d = x - a is carried
           as hi + lo (TwoSum) and exp(d) = exp(hi) (1 + lo).  The rest sum is carried scaled, R = 2**64 r, its
@@ -42,6 +44,7 @@ from ._lib import (
     FP_OPTIONS,
     TWO_64,
     TWO_M64,
+    chunk_start,
     div_rn,
     exp_scaled,
     log1p_acc,
@@ -60,6 +63,12 @@ from ._lib import (
 def _block_config(V: int, device_type: str) -> tuple[int, int]:
     """(BLOCK_V, num_warps) for rows of V classes (tests force small blocks with _tuning.force_cross_entropy)."""
     return _tuning.cross_entropy_config(V, device_type)
+
+
+def _reverse(M: int, V: int, block: int, warps: int, read_bytes: int, device: torch.device) -> bool:
+    """Second-pass order of the looped kernels (_tuning.py "second-pass order"; forced with
+    force_cross_entropy(reverse=))."""
+    return _tuning.cross_entropy_reverse(M, V, block, warps, read_bytes, device)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -217,7 +226,7 @@ def _ce_fwd_kernel(
     BLOCK_V: tl.constexpr, HAS_W: tl.constexpr, HAS_G: tl.constexpr, HAS_DENOM: tl.constexpr,
     HAS_WSUM: tl.constexpr, SINGLE: tl.constexpr, HAS_EPS: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_CAP: tl.constexpr, WRITE_GRAD: tl.constexpr, WRITE_LOSS: tl.constexpr, HAS_ENT: tl.constexpr,
-    EXACT: tl.constexpr,
+    EXACT: tl.constexpr, REVERSE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x_m
@@ -263,9 +272,10 @@ def _ce_fwd_kernel(
         if WRITE_GRAD:
             tl.store(dx_ptr + row * stride_dx_m + cols, round_to(g * s, dx_ptr.dtype.element_ty), mask=mask)
     elif WRITE_GRAD or HAS_EPS or HAS_ENT:
-        # second read of the row (from L2 when the row was read recently), gradient written once
+        # second read of the row (from L2 when the row was read recently; last block first when REVERSE),
+        # gradient written once
         for start in range(0, V, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
+            cols = chunk_start(0, V, start, BLOCK_V, REVERSE) + tl.arange(0, BLOCK_V)
             mask = cols < V
             x = _load_row_block(x_row, cols, mask, cap, HAS_CAP)
             g, swd_b, spd_b = _ce_block(x, cols, mask, t, valid, a_ref, r, L, w_ptr, c1, hard, eps_over_v,
@@ -335,7 +345,7 @@ def _ce_prob_fwd_kernel(
     BLOCK_V: tl.constexpr, HAS_W: tl.constexpr, HAS_G: tl.constexpr, HAS_DENOM: tl.constexpr,
     SINGLE: tl.constexpr, HAS_EPS: tl.constexpr, HAS_Z: tl.constexpr, HAS_CAP: tl.constexpr,
     WRITE_GRAD: tl.constexpr, WRITE_LOSS: tl.constexpr, HAS_ENT: tl.constexpr,
-    EXACT: tl.constexpr,
+    EXACT: tl.constexpr, REVERSE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x_m
@@ -375,8 +385,8 @@ def _ce_prob_fwd_kernel(
     else:
         swyd = 0.0
         spd = 0.0
-        for start in range(0, V, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
+        for start in range(0, V, BLOCK_V):  # the second read: last block first when REVERSE
+            cols = chunk_start(0, V, start, BLOCK_V, REVERSE) + tl.arange(0, BLOCK_V)
             mask = cols < V
             xb = _load_row_block(x_row, cols, mask, cap, HAS_CAP)
             wyb = _ce_prob_wy(y_row, w_ptr, cols, mask, eps, V, HAS_W, HAS_EPS)
@@ -463,7 +473,7 @@ def _selective_bwd_kernel(
 def _entropy_fwd_kernel(
     x_ptr, stride_x_m, h_ptr, a_ptr, r_ptr,
     V,
-    BLOCK_V: tl.constexpr, SINGLE: tl.constexpr, EXACT: tl.constexpr,
+    BLOCK_V: tl.constexpr, SINGLE: tl.constexpr, EXACT: tl.constexpr, REVERSE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x_m
@@ -479,8 +489,8 @@ def _entropy_fwd_kernel(
         a, r = _row_stats(x_row, V, 1.0, BLOCK_V, False, EXACT)
         a_ref, L, lse = _finish(a, r)
         spd = 0.0
-        for start in range(0, V, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
+        for start in range(0, V, BLOCK_V):  # the second read: last block first when REVERSE
+            cols = chunk_start(0, V, start, BLOCK_V, REVERSE) + tl.arange(0, BLOCK_V)
             x = _load_row_block(x_row, cols, cols < V, 1.0, False)
             hi, lo = _shift(x, a_ref, EXACT)
             p = _prob(hi, lo, r, L)
@@ -593,6 +603,7 @@ def ce_fwd_out(
         V, ignore_index, float(label_smoothing), float(z_loss), float(softcap or 1.0),
         BLOCK_V=block, HAS_EPS=label_smoothing > 0.0, HAS_Z=z_loss != 0.0, HAS_CAP=softcap is not None,
         WRITE_GRAD=dx is not None, WRITE_LOSS=write_loss, HAS_ENT=entropy is not None,
+        REVERSE=_reverse(M, V, block, warps, x.element_size(), x.device),
         num_warps=warps, **_flags(x, softcap), **FP_OPTIONS,
     )
 
@@ -653,6 +664,7 @@ def ce_prob_fwd_out(
         V, float(label_smoothing), float(z_loss), float(softcap or 1.0),
         BLOCK_V=block, HAS_EPS=label_smoothing > 0.0, HAS_Z=z_loss != 0.0, HAS_CAP=softcap is not None,
         WRITE_GRAD=dx is not None, WRITE_LOSS=loss is not None, HAS_ENT=entropy is not None,
+        REVERSE=_reverse(M, V, block, warps, x.element_size() + y.element_size(), x.device),
         num_warps=warps, **_flags(x, softcap), **FP_OPTIONS,
     )
 
@@ -731,7 +743,8 @@ def entropy_fwd(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     block, warps = _block_config(V, x.device.type)
     _entropy_fwd_kernel[(M,)](
         x, x.stride(0), h, a, r, V,
-        BLOCK_V=block, num_warps=warps, EXACT=x.dtype == torch.float32, **FP_OPTIONS,
+        BLOCK_V=block, num_warps=warps, EXACT=x.dtype == torch.float32,
+        REVERSE=_reverse(M, V, block, warps, x.element_size(), x.device), **FP_OPTIONS,
     )
     return h, a, r
 

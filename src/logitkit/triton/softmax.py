@@ -9,6 +9,8 @@ Layout:   x is viewed as (P, N, K) with the reduced dim N in the middle and any 
 Regimes:  (triton/_tuning.py) "row": the whole row in registers, several rows per program, x read once;
           "loop": an online (max, rest-sum) pass over chunks, then an output pass (second read mostly from L2);
           "split": rows cut into segments, a state per segment to a workspace, then a combining output pass.
+          The output pass walks its chunks (split: and programs) in reverse when the rows in flight outgrow
+          the L2 (_tuning.py "second-pass order"): the re-reads then start with the most recently read lines.
 Traffic:  forward reads x once ("row") or twice (else) and writes y once; backward reads y and g once or twice.
 Numerics: fp32 working precision; the rest sum is carried scaled, rest = 2**64 r (_lib's *_scaled helpers), so
           terms whose exp(x - a) is subnormal in fp32 keep their bits (underflow family); float32 inputs carry
@@ -32,6 +34,7 @@ from ._lib import (
     FP_OPTIONS,
     TWO_64,
     TWO_M64,
+    chunk_start,
     combine_states_scaled,
     div_rn,
     exp_acc,
@@ -41,6 +44,7 @@ from ._lib import (
     log1p_acc,
     merge_state_comp,
     merge_state_scaled,
+    program_index,
     round_to,
     tile_state_scaled,
     to_f32,
@@ -169,10 +173,14 @@ def _lse_combine_kernel(ws_ptr, out_ptr, R, SPLIT, EXACT: tl.constexpr, BLOCK_M:
 def _softmax_fwd_kernel(x_ptr, m_ptr, y_ptr, ws_ptr, g_ptr, R, N, K,
                         sx_p, sx_n, sx_k, sm_p, sm_n, sm_k, sy_p, sy_n, sy_k, sg_p, sg_k, SEGMENT, SPLIT,
                         LOG: tl.constexpr, HAS_MASK: tl.constexpr, EXACT: tl.constexpr, ONE_TILE: tl.constexpr,
-                        FROM_WS: tl.constexpr, SCALE_G: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
-    """softmax / log_softmax; SCALE_G: softmax times a per-row g (the logsumexp backward, g of shape (P, 1, K))."""
-    pid = tl.program_id(0)
+                        FROM_WS: tl.constexpr, SCALE_G: tl.constexpr, REVERSE: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+    """softmax / log_softmax; SCALE_G: softmax times a per-row g (the logsumexp backward, g of shape (P, 1, K));
+    REVERSE: the output pass walks its chunks (and, from the workspace, the programs) last first."""
+    if FROM_WS:
+        pid = program_index(REVERSE)
+    else:
+        pid = tl.program_id(0)
     pid_m = pid // SPLIT
     seg = pid % SPLIT
     rows, row_ok, p, k = _row_offsets(pid_m, R, K, sx_p, sx_k, BLOCK_M)
@@ -200,7 +208,7 @@ def _softmax_fwd_kernel(x_ptr, m_ptr, y_ptr, ws_ptr, g_ptr, R, N, K,
         start = seg.to(tl.int64) * SEGMENT
         end = tl.minimum(start + SEGMENT, N)
         for n0 in range(start, end, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
+            cols = chunk_start(start, end, n0, BLOCK_N, REVERSE) + tl.arange(0, BLOCK_N)
             x, ok = _load_row_tile(x_ptr, m_ptr, xrow, mrow, row_ok, cols, end, sx_n, sm_n, HAS_MASK)
             y = _normalised(x, a, rest, LOG, HAS_MASK, EXACT)
             if SCALE_G:
@@ -258,10 +266,14 @@ def _softmax_bwd_kernel(y_ptr, g_ptr, m_ptr, dx_ptr, ws_ptr, R, N, K,
                         sy_p, sy_n, sy_k, sg_p, sg_n, sg_k, sm_p, sm_n, sm_k, sd_p, sd_n, sd_k,
                         SEGMENT, SPLIT,
                         LOG: tl.constexpr, HAS_MASK: tl.constexpr, EXACT: tl.constexpr, ONE_TILE: tl.constexpr,
-                        PHASE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_S: tl.constexpr):
-    """PHASE 0: "row"/"loop" in one launch; 1: split partials (s, alive) to ws; 2: combine them and write dx."""
-    pid = tl.program_id(0)
+                        PHASE: tl.constexpr, REVERSE: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+    """PHASE 0: "row"/"loop" in one launch; 1: split partials (s, alive) to ws; 2: combine them and write dx.
+    REVERSE: the dx pass walks its chunks (and, in PHASE 2, the programs) last first."""
+    if PHASE == 2:
+        pid = program_index(REVERSE)
+    else:
+        pid = tl.program_id(0)
     pid_m = pid // SPLIT
     seg = pid % SPLIT
     rows, row_ok, p, k = _row_offsets(pid_m, R, K, sy_p, sy_k, BLOCK_M)
@@ -301,7 +313,7 @@ def _softmax_bwd_kernel(y_ptr, g_ptr, m_ptr, dx_ptr, ws_ptr, R, N, K,
             tl.store(ws_ptr + (R + rows) * SPLIT + seg, alive, mask=row_ok)
         else:
             for n0 in range(start, end, BLOCK_N):
-                cols = n0 + tl.arange(0, BLOCK_N)
+                cols = chunk_start(start, end, n0, BLOCK_N, REVERSE) + tl.arange(0, BLOCK_N)
                 y, g, keep, ok = _load_bwd_tile(y_ptr, g_ptr, m_ptr, yrow, grow, mrow, row_ok, cols, end,
                                                 sy_n, sg_n, sm_n, HAS_MASK)
                 dx = _bwd_values(y, g, keep, s, alive, LOG, HAS_MASK, EXACT)
@@ -383,10 +395,11 @@ def _normalise_launch(x: Tensor, dim: int, mask: Tensor | None, log: bool, out: 
     ws = xv
     if cfg.regime == "split":
         ws = _states(x, dim, mask, cfg, R, N, K, xv)
+    reverse = _tuning.softmax_reverse(cfg, R, N, x.element_size(), x.device)
     _softmax_fwd_kernel[_grid(cfg, R)](
         xv, m, yv, ws, gv, R, N, K, sx_p, sx_n, sx_k, sm_p, sm_n, sm_k, sy_p, sy_n, sy_k, sg_p, sg_k,
         cfg.segment, cfg.split, LOG=log, HAS_MASK=mask is not None, EXACT=x.dtype == torch.float32,
-        ONE_TILE=cfg.regime == "row", FROM_WS=cfg.regime == "split", SCALE_G=g is not None,
+        ONE_TILE=cfg.regime == "row", FROM_WS=cfg.regime == "split", SCALE_G=g is not None, REVERSE=reverse,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_S=triton.next_power_of_2(cfg.split),
         num_warps=cfg.num_warps, **FP_OPTIONS,
     )
@@ -456,7 +469,9 @@ def softmax_bwd_out(y: Tensor, g: Tensor, dim: int, *, mask: Tensor | None = Non
     assert dv.data_ptr() == out.data_ptr() and dv.stride() == out.stride(), "out must be viewable as (P, N, K)"
     cfg = _config(R, N, y, sy_n)
     args = (R, N, K, sy_p, sy_n, sy_k, sg_p, sg_n, sg_k, sm_p, sm_n, sm_k, sd_p, sd_n, sd_k, cfg.segment, cfg.split)
+    reverse = _tuning.softmax_reverse(cfg, R, N, y.element_size() + g.element_size(), y.device)
     meta = dict(LOG=log, HAS_MASK=mask is not None, EXACT=y.dtype == torch.float32, ONE_TILE=cfg.regime == "row",
+                REVERSE=reverse,
                 BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_S=triton.next_power_of_2(cfg.split),
                 num_warps=cfg.num_warps, **FP_OPTIONS)
     if cfg.regime == "split":

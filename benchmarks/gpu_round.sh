@@ -44,6 +44,7 @@ round)
     # is in the log either way
     timeout "$t_check" python3 -m pytest -q -x -m "not slow" -p no:cacheprovider \
         tests/test_triton_softmax.py tests/test_triton_cross_entropy.py tests/test_triton_linear_cross_entropy.py \
+        tests/test_triton_second_pass.py \
         >"$OUT/round-check.log" 2>&1
     echo "== check rc=$? (124: cut at ${t_check}s) $(tail -1 "$OUT/round-check.log")" | tee -a "$log"
     # each suite stops itself between cases; `timeout` (budget + 60 s) only guards against a case that hangs
@@ -101,6 +102,7 @@ check)
     # The kernel test files run on CUDA tensors when a GPU is present (no interpreter); slow marks excluded.
     python3 -m pytest -q -x -m "not slow" -p no:cacheprovider \
         tests/test_triton_softmax.py tests/test_triton_cross_entropy.py tests/test_triton_linear_cross_entropy.py \
+        tests/test_triton_second_pass.py \
         tests/test_linear_cross_entropy.py \
         tests/test_compile.py 2>&1 | tee -a "$log" | tail -15
     ;;

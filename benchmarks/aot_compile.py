@@ -77,7 +77,8 @@ if SIZES == "gpu":  # the CUDA tables (BLOCK_V 16384 / 16 warps, 132 SMs), not t
     lce._block_config = ce._block_config
     _tuning.target_programs = lambda device: 132 * _tuning.SOFTMAX_PROGRAMS_PER_SM
 if os.environ.get("AOT_REVERSE", "0") not in ("", "0"):  # the launchers' tensors are CPU ones: forward otherwise
-    _tuning.second_pass_reverse = lambda reuse_bytes, device: True
+    _tuning.softmax_reverse = lambda cfg, R, N, read_bytes, device: cfg.regime != "row"
+    _tuning.cross_entropy_reverse = lambda M, V, block_v, num_warps, read_bytes, device: V > block_v
 
 t0 = time.time()
 g = torch.Generator().manual_seed(0)

@@ -300,7 +300,7 @@ def candidates(case: Case, device: torch.device, quick: bool) -> list[dict | Non
     """None (the table's default, unforced) first, then forced specs, each a distinct config."""
     prof = PROFILES["cuda" if device.type == "cuda" else "cpu"]
     specs = (_ce_candidates if case.family == "cross_entropy" else _softmax_candidates)(case, device, prof)
-    if quick and len(specs) > 1 + QUICK_CANDIDATES:  # spread over the list, its first and last included
+    if quick and len(specs) > 1 + QUICK_CANDIDATES:  # the order experiment, then picks spread over the rest
         flipped = [s for s in specs[1:] if "reverse" in s]  # the order experiment stays
         rest = [s for s in specs[1:] if "reverse" not in s]
         picks = max(1, QUICK_CANDIDATES - len(flipped))

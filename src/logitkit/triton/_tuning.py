@@ -103,10 +103,13 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def target_programs(device: torch.device) -> int:
     if device.type == "cuda":
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        return _sm_count(idx) * SOFTMAX_PROGRAMS_PER_SM
+        return _sm_count(_device_index(device)) * SOFTMAX_PROGRAMS_PER_SM
     return SOFTMAX_CPU_PROGRAMS
 
 
@@ -171,9 +174,10 @@ SECOND_PASS_L2_FRACTION = 1.0
 # Resident programs per multiprocessor, the model's: limited by the 2048 threads and the 65536 registers of a
 # multiprocessor (and 32 programs), at CHUNKED_REGS registers per thread below 16 warps and the cap (65536 /
 # threads) from 16 warps up.  From the sm_90 compiles (benchmarks/aot_compile.py, Triton 3.9.0, 2026-12-06):
-# softmax's chunked kernels over a contiguous row (4 or 8 warps) use 30-72 registers, the strided ones (16 warps)
-# and looped cross-entropy (16 warps) sit at the 128 cap.  So 4-8 softmax programs and one cross-entropy program
-# per multiprocessor.
+# softmax's chunked kernels over a contiguous row (4 or 8 warps) use 30-72 registers; looped cross-entropy
+# (16 warps) and the strided softmax forward (16 warps) sit at the 128 cap.  So 4-8 softmax programs and one
+# cross-entropy program per multiprocessor.  (The strided softmax backward at 16 warps keeps 32 registers and
+# 1.6-1.8 KB of local memory per thread: up to 4 resident, where the model counts 1.)
 CHUNKED_REGS = {"softmax": 64, "cross_entropy": 128}
 
 
@@ -192,10 +196,6 @@ def _l2_bytes(device_index: int) -> int:
     return getattr(torch.cuda.get_device_properties(device_index), "L2_cache_size", 0) or DEFAULT_L2_BYTES
 
 
-def _device_index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
 def second_pass_reverse(reuse_bytes: int, device: torch.device) -> bool:
     """The model's order for a second pass whose re-reads are ``reuse_bytes`` (S above) behind the first reads:
     reverse when S exceeds the L2.  Off a CUDA device (the interpreter) there is no cache to model: forward."""
@@ -205,9 +205,7 @@ def second_pass_reverse(reuse_bytes: int, device: torch.device) -> bool:
 
 
 def in_flight(programs: int, num_warps: int, family: str, device: torch.device) -> int:
-    """Programs of a chunked launch of ``programs`` resident at once (the model's estimate)."""
-    if device.type != "cuda":
-        return min(programs, SOFTMAX_CPU_PROGRAMS)
+    """Programs of a chunked launch of ``programs`` resident at once on a CUDA device (the model's estimate)."""
     return min(programs, _sm_count(_device_index(device)) * programs_per_sm(num_warps, family))
 
 
@@ -217,7 +215,7 @@ def softmax_reverse(cfg: SoftmaxConfig, R: int, N: int, read_bytes: int, device:
     ov = _override.get()
     if ov is not None and ov.reverse is not None:
         return ov.reverse and cfg.regime != "row"
-    if cfg.regime == "row":
+    if cfg.regime == "row" or device.type != "cuda":
         return False
     if cfg.regime == "split":
         return second_pass_reverse(R * N * read_bytes, device)
@@ -296,6 +294,6 @@ def cross_entropy_reverse(M: int, V: int, block_v: int, num_warps: int, read_byt
     ov = _ce_override.get()
     if ov is not None and ov.reverse is not None:
         return ov.reverse
-    if V <= block_v:
+    if V <= block_v or device.type != "cuda":
         return False
     return second_pass_reverse(in_flight(M, num_warps, "cross_entropy", device) * V * read_bytes, device)

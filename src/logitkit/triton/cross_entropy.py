@@ -65,12 +65,6 @@ def _block_config(V: int, device_type: str) -> tuple[int, int]:
     return _tuning.cross_entropy_config(V, device_type)
 
 
-def _reverse(M: int, V: int, block: int, warps: int, read_bytes: int, device: torch.device) -> bool:
-    """Second-pass order of the looped kernels (_tuning.py "second-pass order"; forced with
-    force_cross_entropy(reverse=))."""
-    return _tuning.cross_entropy_reverse(M, V, block, warps, read_bytes, device)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Row state helpers.  Generic pieces (TwoSum, accurate exp / log1p / tanh / division, the interpreter's
 # rounding casts) come from _lib.py.  The state differs from _lib's tile_state_scaled / merge_state_scaled in
@@ -603,7 +597,7 @@ def ce_fwd_out(
         V, ignore_index, float(label_smoothing), float(z_loss), float(softcap or 1.0),
         BLOCK_V=block, HAS_EPS=label_smoothing > 0.0, HAS_Z=z_loss != 0.0, HAS_CAP=softcap is not None,
         WRITE_GRAD=dx is not None, WRITE_LOSS=write_loss, HAS_ENT=entropy is not None,
-        REVERSE=_reverse(M, V, block, warps, x.element_size(), x.device),
+        REVERSE=_tuning.cross_entropy_reverse(M, V, block, warps, x.element_size(), x.device),
         num_warps=warps, **_flags(x, softcap), **FP_OPTIONS,
     )
 
@@ -664,7 +658,7 @@ def ce_prob_fwd_out(
         V, float(label_smoothing), float(z_loss), float(softcap or 1.0),
         BLOCK_V=block, HAS_EPS=label_smoothing > 0.0, HAS_Z=z_loss != 0.0, HAS_CAP=softcap is not None,
         WRITE_GRAD=dx is not None, WRITE_LOSS=loss is not None, HAS_ENT=entropy is not None,
-        REVERSE=_reverse(M, V, block, warps, x.element_size() + y.element_size(), x.device),
+        REVERSE=_tuning.cross_entropy_reverse(M, V, block, warps, x.element_size() + y.element_size(), x.device),
         num_warps=warps, **_flags(x, softcap), **FP_OPTIONS,
     )
 
@@ -744,7 +738,7 @@ def entropy_fwd(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     _entropy_fwd_kernel[(M,)](
         x, x.stride(0), h, a, r, V,
         BLOCK_V=block, num_warps=warps, EXACT=x.dtype == torch.float32,
-        REVERSE=_reverse(M, V, block, warps, x.element_size(), x.device), **FP_OPTIONS,
+        REVERSE=_tuning.cross_entropy_reverse(M, V, block, warps, x.element_size(), x.device), **FP_OPTIONS,
     )
     return h, a, r
 

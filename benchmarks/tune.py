@@ -109,7 +109,7 @@ class Profile(NamedTuple):
 PROFILES = {
     # One, two or four 16-byte bf16 vectors per thread; 32768 elements over 32 warps for one bf16 row of 32768.
     "cuda": Profile(row_tiles=(1024, 2048, 4096, 8192, 16384), big_row_tile=32768, chunks=(2048, 4096, 8192, 16384),
-                    per_thread=(8, 16, 32), strided_bm=(16, 32, 64, 128), strided_bn=(64, 128, 256),
+                    per_thread=(8, 16, 32), strided_bm=(16, 32, 64, 128), strided_bn=(64, 128, 256, 512, 1024),
                     strided_tiles=(2048, 16384), strided_per_thread=(8, 16), ce_blocks=(2048, 4096, 8192, 16384, 32768),
                     ce_per_thread=(8, 16, 32)),
     # The interpreter's time grows with programs x chunks: few of each.

@@ -114,6 +114,57 @@ def test_automatic_regime(R, N, strided, regime):
     cfg = _tuning.softmax_config(R, N, 4, strided, torch.device("cpu"))
     assert cfg.regime == regime, cfg
     assert cfg.BLOCK_N & (cfg.BLOCK_N - 1) == 0 and cfg.segment % cfg.BLOCK_N == 0 or cfg.split == 1
+    if strided:
+        assert (cfg.BLOCK_M, cfg.BLOCK_N) == (16, 512), cfg
+
+
+# A strided row's contiguous axis is the rows: every regime takes SOFTMAX_STRIDED_MIN_ROWS neighbouring rows per
+# program (full 32-byte sectors for bf16), the chunked ones by shortening the chunk, never the register tile
+# (the default used to keep the 4096-long bf16 chunk and 4 rows: 8 of every 32 bytes per program and load).
+@pytest.mark.parametrize("elem", [2, 4])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_strided_rows_per_program(elem, device, monkeypatch):
+    monkeypatch.setattr(_tuning, "target_programs", lambda dev: 132 * _tuning.SOFTMAX_PROGRAMS_PER_SM)
+    tile = _tuning.SOFTMAX_ROW_TILE[elem]
+    for R in (1, 16, 4096, 1 << 16):
+        for N in (2, 300, 1024, 4096, 32768, 1 << 20):
+            cfg = _tuning.softmax_config(R, N, elem, True, torch.device(device))
+            assert cfg.BLOCK_M >= _tuning.SOFTMAX_STRIDED_MIN_ROWS, (R, N, cfg)
+            assert cfg.BLOCK_M * cfg.BLOCK_N <= tile, (R, N, cfg)
+            if cfg.regime != "row" and N >= tile // _tuning.SOFTMAX_STRIDED_MIN_ROWS:
+                assert cfg.BLOCK_M * cfg.BLOCK_N == tile, (R, N, cfg)  # the whole register tile, 16 rows wide
+            # rows Triton cannot prove contiguous and aligned: the smaller scalar tile in the chunked regimes
+            scalar = _tuning.softmax_config(R, N, elem, True, torch.device(device), vector_rows=False)
+            assert scalar.BLOCK_M >= _tuning.SOFTMAX_STRIDED_MIN_ROWS, (R, N, scalar)
+            if scalar.regime == "row":
+                assert scalar == cfg, (R, N, scalar)
+            else:
+                small = _tuning.SOFTMAX_STRIDED_SCALAR_TILE[elem]
+                assert scalar.BLOCK_M * scalar.BLOCK_N <= small, (R, N, scalar)
+                if N >= small // _tuning.SOFTMAX_STRIDED_MIN_ROWS:
+                    assert scalar.BLOCK_M * scalar.BLOCK_N == small, (R, N, scalar)
+
+
+# The launcher's vector_rows: only 16 adjacent, 16-aligned strided rows keep the full tile; values stay exact.
+@pytest.mark.parametrize("shape, dim, view, vector", [
+    ((2, 600, 16), 1, None, True),   # K = 16: vector rows
+    ((2, 600, 3), 1, None, False),   # K = 3: r // K changes inside a block of 16 rows
+    ((600, 32), 0, "odd", False),    # rows 2 apart (a [:, ::2] view)
+])
+def test_strided_vector_rows(shape, dim, view, vector, monkeypatch):
+    seen = []
+    real = _tuning.softmax_config
+    monkeypatch.setattr(_tuning, "softmax_config", lambda *a, **k: seen.append(k) or real(*a, **k))
+    x = (torch.randn(shape, dtype=F64) * 4).to(F32).to(DEVICE)
+    if view == "odd":
+        x = x[:, ::2]
+    with logitkit.use_backend("triton"):
+        for op in OPS:
+            ours = _fn(op, dim)(x)
+            assert _value_error(op, ours, x, dim, F32) <= ULPS[op][F32], op
+    assert seen and all(k["vector_rows"] is vector for k in seen), seen
+    cfg = real(x.numel() // x.shape[dim], x.shape[dim], 4, True, x.device, vector_rows=vector)
+    assert cfg.regime != "row" and cfg.BLOCK_M * cfg.BLOCK_N == (8192 if vector else 2048), cfg
 
 
 # Values and gradients of every op in every regime, dtype and layout against the float64 oracle:

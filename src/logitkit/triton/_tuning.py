@@ -44,8 +44,15 @@ SOFTMAX_ROW_TILE = {2: 16384, 4: 8192, 8: 4096}
 # Chunk length of the looped / split passes (a power of two), by element size.
 SOFTMAX_CHUNK = {2: 4096, 4: 2048, 8: 1024}
 # A non-last softmax dim has stride > 1 along the row: take at least this many neighbouring rows per program
-# so that loads along the contiguous (row) axis coalesce.
+# so that loads along the contiguous (row) axis coalesce (16 bf16 rows: one full 32-byte sector per column).
+# The chunked regimes keep the register tile and shorten the chunk to row_tile // 16 (bf16 16 x 1024, fp32
+# 16 x 512): the longer chunk with 4 rows read 8 of every 32 bytes per program and load.
 SOFTMAX_STRIDED_MIN_ROWS = 16
+# Register tile of the chunked regimes for strided rows whose 16-row groups Triton cannot prove contiguous and
+# aligned (K or the outer stride not a multiple of 16, or rows not adjacent): scalar loads and addresses, and
+# the full tile spills at 16 warps (sm_90 compiles, Triton 3.9.0: 700-1500 B of local memory per thread);
+# 16 x 256 bf16 / 16 x 128 fp32 compiles without local memory.  Not measured on a GPU.
+SOFTMAX_STRIDED_SCALAR_TILE = {2: 4096, 4: 2048, 8: 1024}
 # Target number of programs in flight per streaming multiprocessor before the split regime kicks in.
 SOFTMAX_PROGRAMS_PER_SM = 4
 # A split segment is at least this many chunks long (fewer segments, cheaper combine).
@@ -120,8 +127,10 @@ def _warps(tile: int, forced: int | None = None) -> int:
     return max(1, min(16, tile // 512))
 
 
-def softmax_config(R: int, N: int, elem_size: int, strided: bool, device: torch.device) -> SoftmaxConfig:
-    """The regime and blocks for R rows of length N >= 1; ``strided``: the row is not the contiguous axis."""
+def softmax_config(R: int, N: int, elem_size: int, strided: bool, device: torch.device, *,
+                   vector_rows: bool = True) -> SoftmaxConfig:
+    """The regime and blocks for R rows of length N >= 1; ``strided``: the row is not the contiguous axis;
+    ``vector_rows`` (strided only): groups of 16 neighbouring rows are contiguous and 16-element aligned."""
     ov = _override.get() or SoftmaxOverride()
     row_tile = SOFTMAX_ROW_TILE[elem_size]
     min_rows = SOFTMAX_STRIDED_MIN_ROWS if strided else 1
@@ -133,7 +142,11 @@ def softmax_config(R: int, N: int, elem_size: int, strided: bool, device: torch.
         BLOCK_N = n_pow2  # the same padded length in every layout: the same reduction order
         BLOCK_M = ov.block_m or max(min_rows, min(row_tile // BLOCK_N, triton.next_power_of_2(R)))
         return SoftmaxConfig("row", BLOCK_M, BLOCK_N, 1, N, _warps(BLOCK_M * BLOCK_N, ov.num_warps))
-    BLOCK_N = ov.block_n or min(SOFTMAX_CHUNK[elem_size], n_pow2)
+    chunk = SOFTMAX_CHUNK[elem_size]
+    if strided:  # shorter chunks, the same register tile: min_rows neighbouring rows, so full 32-byte sectors
+        tile = row_tile if vector_rows else SOFTMAX_STRIDED_SCALAR_TILE[elem_size]
+        chunk = min(chunk, tile // min_rows)
+    BLOCK_N = ov.block_n or min(chunk, n_pow2)
     BLOCK_M = ov.block_m or max(1, min(min_rows, row_tile // BLOCK_N))
     row_blocks = triton.cdiv(R, BLOCK_M)
     chunks = triton.cdiv(N, BLOCK_N)
@@ -175,9 +188,9 @@ SECOND_PASS_L2_FRACTION = 1.0
 # multiprocessor (and 32 programs), at CHUNKED_REGS registers per thread below 16 warps and the cap (65536 /
 # threads) from 16 warps up.  From the sm_90 compiles (benchmarks/aot_compile.py, Triton 3.9.0, 2026-12-06):
 # softmax's chunked kernels over a contiguous row (4 or 8 warps) use 30-72 registers; looped cross-entropy
-# (16 warps) and the strided softmax forward (16 warps) sit at the 128 cap.  So 4-8 softmax programs and one
-# cross-entropy program per multiprocessor.  (The strided softmax backward at 16 warps keeps 32 registers and
-# 1.6-1.8 KB of local memory per thread: up to 4 resident, where the model counts 1.)
+# (16 warps) sits at the 128 cap.  So 4-8 softmax programs and one cross-entropy program per multiprocessor.
+# The strided softmax kernels (16 x 1024 bf16 / 16 x 512 fp32, 16 warps) take 32-128 registers, where the
+# model counts 128; over scalar-addressed rows they take the smaller SOFTMAX_STRIDED_SCALAR_TILE.
 CHUNKED_REGS = {"softmax": 64, "cross_entropy": 128}
 
 

@@ -195,7 +195,8 @@ def _resolve(case: Case, device: torch.device, spec: dict | None):
     with _force(case, spec):
         if case.family == "cross_entropy":
             return _tuning.cross_entropy_config(case.N, device.type)
-        return _tuning.softmax_config(*_softmax_geometry(case), device)
+        # a non-last case is dim 0 of an (N, M) tensor: K = M, adjacent rows, as triton/softmax.py's _config sees it
+        return _tuning.softmax_config(*_softmax_geometry(case), device, vector_rows=case.M % 16 == 0)
 
 
 def _reverse(case: Case, device: torch.device, spec: dict | None, cfg) -> bool:

@@ -150,6 +150,7 @@ def test_strided_rows_per_program(elem, device, monkeypatch):
     ((2, 600, 16), 1, None, True),   # K = 16: vector rows
     ((2, 600, 3), 1, None, False),   # K = 3: r // K changes inside a block of 16 rows
     ((600, 32), 0, "odd", False),    # rows 2 apart (a [:, ::2] view)
+    ((2, 600, 16), 1, "offset", False),  # K = 16 but the base 4 bytes past a 16-byte boundary
 ])
 def test_strided_vector_rows(shape, dim, view, vector, monkeypatch):
     seen = []
@@ -158,6 +159,9 @@ def test_strided_vector_rows(shape, dim, view, vector, monkeypatch):
     x = (torch.randn(shape, dtype=F64) * 4).to(F32).to(DEVICE)
     if view == "odd":
         x = x[:, ::2]
+    if view == "offset":
+        x = torch.cat([x.new_zeros(1), x.flatten()])[1:].view(shape)
+        assert x.data_ptr() % 16 == 4
     with logitkit.use_backend("triton"):
         for op in OPS:
             ours = _fn(op, dim)(x)

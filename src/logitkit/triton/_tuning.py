@@ -189,8 +189,9 @@ SECOND_PASS_L2_FRACTION = 1.0
 # threads) from 16 warps up.  From the sm_90 compiles (benchmarks/aot_compile.py, Triton 3.9.0, 2026-12-06):
 # softmax's chunked kernels over a contiguous row (4 or 8 warps) use 30-72 registers; looped cross-entropy
 # (16 warps) sits at the 128 cap.  So 4-8 softmax programs and one cross-entropy program per multiprocessor.
-# The strided softmax kernels (16 x 1024 bf16 / 16 x 512 fp32, 16 warps) take 32-128 registers, where the
-# model counts 128; over scalar-addressed rows they take the smaller SOFTMAX_STRIDED_SCALAR_TILE.
+# The strided softmax kernels at the full tile (16 x 1024 bf16 / 16 x 512 fp32, 16 warps) take 58-128 registers,
+# the model's 128; at SOFTMAX_STRIDED_SCALAR_TILE (4-8 warps) 128-254, where the model counts 64, so it
+# overcounts their resident programs (2026-12-07 compiles).
 CHUNKED_REGS = {"softmax": 64, "cross_entropy": 128}
 
 

@@ -365,8 +365,9 @@ def _mask_args(mask: Tensor | None, x: Tensor, dim: int):
 
 def _config(R: int, N: int, K: int, x: Tensor, sx_p: int, sx_n: int, sx_k: int) -> _tuning.SoftmaxConfig:
     # Strided rows load as 16-byte vectors only where Triton sees 16 adjacent, 16-aligned rows: adjacent
-    # (sx_k == 1) and K, sx_p multiples of 16 (its integer-argument specialisation), so r // K is constant per block.
-    vector_rows = sx_k == 1 and K % 16 == 0 and sx_p % 16 == 0
+    # (sx_k == 1), K and sx_p multiples of 16 (so r // K is constant per block) and a 16-byte aligned base
+    # (Triton's specialisation of integer and pointer arguments).
+    vector_rows = sx_k == 1 and K % 16 == 0 and sx_p % 16 == 0 and x.data_ptr() % 16 == 0
     return _tuning.softmax_config(R, N, x.element_size(), sx_n != 1 and N > 1, x.device, vector_rows=vector_rows)
 
 
@@ -394,10 +395,10 @@ def _normalise_launch(x: Tensor, dim: int, mask: Tensor | None, log: bool, out: 
     yv, sy_p, sy_n, sy_k = _pnk(out, dim)
     assert yv.data_ptr() == out.data_ptr() and yv.stride() == out.stride(), "out must be viewable as (P, N, K)"
     gv, sg_p, sg_k = (xv, 0, 0) if g is None else (lambda t: (t[0], t[1], t[3]))(_pnk(g, dim))
-    cfg = _config(R, N, K, x, sx_p, sx_n, sx_k)
+    cfg = _config(R, N, K, xv, sx_p, sx_n, sx_k)
     ws = xv
     if cfg.regime == "split":
-        ws = _states(x, dim, mask, cfg, R, N, K, xv)
+        ws = _states(xv, dim, mask, cfg, R, N, K, xv)
     reverse = _tuning.softmax_reverse(cfg, R, N, x.element_size(), x.device)
     _softmax_fwd_kernel[_grid(cfg, R)](
         xv, m, yv, ws, gv, R, N, K, sx_p, sx_n, sx_k, sm_p, sm_n, sm_k, sy_p, sy_n, sy_k, sg_p, sg_k,
@@ -437,11 +438,11 @@ def logsumexp_fwd(x: Tensor, dim: int, *, mask: Tensor | None = None) -> Tensor:
     if x.numel() == 0:
         return out
     R, N, K = _geometry(x, dim)
-    _, sx_p, sx_n, sx_k = _pnk(x, dim)
-    cfg = _config(R, N, K, x, sx_p, sx_n, sx_k)
+    xv, sx_p, sx_n, sx_k = _pnk(x, dim)  # xv: x, or its one copy where the dims do not collapse
+    cfg = _config(R, N, K, xv, sx_p, sx_n, sx_k)
     if cfg.regime == "row":  # one chunk covers the row: the state kernel reads it once
         cfg = cfg._replace(segment=N)
-    ws = _states(x, dim, mask, cfg, R, N, K, out)
+    ws = _states(xv, dim, mask, cfg, R, N, K, out)
     if cfg.split > 1:
         BLOCK_S = triton.next_power_of_2(cfg.split)
         BLOCK_M = max(1, min(128, 4096 // BLOCK_S))
@@ -470,7 +471,7 @@ def softmax_bwd_out(y: Tensor, g: Tensor, dim: int, *, mask: Tensor | None = Non
     m, sm_p, sm_n, sm_k = _mask_args(mask, y, dim)
     dv, sd_p, sd_n, sd_k = _pnk(out, dim)
     assert dv.data_ptr() == out.data_ptr() and dv.stride() == out.stride(), "out must be viewable as (P, N, K)"
-    cfg = _config(R, N, K, y, sy_p, sy_n, sy_k)
+    cfg = _config(R, N, K, yv, sy_p, sy_n, sy_k)
     args = (R, N, K, sy_p, sy_n, sy_k, sg_p, sg_n, sg_k, sm_p, sm_n, sm_k, sd_p, sd_n, sd_k, cfg.segment, cfg.split)
     reverse = _tuning.softmax_reverse(cfg, R, N, y.element_size() + g.element_size(), y.device)
     meta = dict(LOG=log, HAS_MASK=mask is not None, EXACT=y.dtype == torch.float32, ONE_TILE=cfg.regime == "row",

@@ -59,7 +59,7 @@ def _run(self, *args, grid, warmup, **kwargs):
     if k is not None:
         COMPILED.setdefault(id(k), k)
         keys = ("LOG", "ONE_TILE", "PHASE", "BLOCK_M", "BLOCK_N", "BLOCK_V", "HAS_MASK", "SINGLE", "HAS_SUMS",
-                "HAS_ENT", "REVERSE")
+                "HAS_ENT", "REVERSE", "RESIDENT")
         flags = {n: v for n, v in kwargs.items() if n in keys}
         META.setdefault(id(k), f"{getattr(args[0], 'dtype', '?')} {flags}")
     return k
@@ -76,6 +76,7 @@ if SIZES == "gpu":  # the CUDA tables (BLOCK_V 16384 / 16 warps, 132 SMs), not t
     ce._block_config = lambda V, device_type: _tuning.cross_entropy_config(V, "cuda")
     lce._block_config = ce._block_config
     _tuning.target_programs = lambda device: 132 * _tuning.SOFTMAX_PROGRAMS_PER_SM
+sm._arrive_first = lambda cfg, x: False  # the launchers' tensors are CPU ones: compile the GPU's single launch
 if os.environ.get("AOT_REVERSE", "0") not in ("", "0"):  # the launchers' tensors are CPU ones: forward otherwise
     _tuning.softmax_reverse = lambda cfg, R, N, read_bytes, device: cfg.regime != "row"
     _tuning.cross_entropy_reverse = lambda M, V, block_v, num_warps, read_bytes, device: V > block_v
@@ -96,7 +97,18 @@ for dt in DT:
                 sm.softmax_bwd(y, torch.randn_like(y), dim, mask=mask, log=log)
             lse = sm.logsumexp_fwd(x, dim, mask=mask)
             sm.logsumexp_bwd(x, lse, torch.ones_like(lse), dim, mask=mask)
-    for regime in ("row", "loop", "split"):
+    # the resident regime at the table's tiles (16384 / 8192 contiguous, 16 x 1024 / 16 x 512 strided, the
+    # scalar strided tile): one launch each, the GPU's (not the interpreter's arrive-first launch)
+    with _tuning.force_softmax("resident"):
+        for shape, dim in (((4, 300000), 1), ((4, 5000, 16), 1), ((64, 5000, 3), 1)):
+            x = torch.randn(shape, dtype=dt)
+            for mask in (None, x > -1):
+                for log in (False, True):
+                    y = sm.softmax_fwd(x, dim, mask=mask, log=log)
+                    sm.softmax_bwd(y, torch.randn_like(y), dim, mask=mask, log=log)
+                lse = sm.logsumexp_fwd(x, dim, mask=mask)
+                sm.logsumexp_bwd(x, lse, torch.ones_like(lse), dim, mask=mask)
+    for regime in ("row", "loop", "split", "resident"):
         with _tuning.force_softmax(regime, block_n=64):
             x = torch.randn(5, 300, dtype=dt)
             for log in (False, True):

@@ -2,8 +2,8 @@
 # One GPU round in as few device calls as possible (../shared/gpu/README.md's routine), run from the repo root:
 #
 #   bash benchmarks/gpu_round.sh round      # everything below in ONE call, each part under its own time
-#                                           #   budget (ROUND_BUDGET_S=420 by default, split check 20%,
-#                                           #   softmax 35%, ce 25%, lce 20%); the benchmarks put the headline
+#                                           #   budget (ROUND_BUDGET_S=420 by default, split check 18%,
+#                                           #   softmax 32%, ce 22%, lce 16%, resident 12%); the benchmarks put the headline
 #                                           #   cases first, stop between cases and rewrite their JSON after every
 #                                           #   row: made for a 15-minute device budget (start included) with
 #                                           #   room for a rerun
@@ -11,6 +11,7 @@
 #   bash benchmarks/gpu_round.sh softmax    # the gpu-softmax grid (issue 3)
 #   bash benchmarks/gpu_round.sh ce         # the gpu-cross-entropy shapes (issue 4)
 #   bash benchmarks/gpu_round.sh lce        # linear cross-entropy (issue 5)
+#   bash benchmarks/gpu_round.sh resident   # the resident softmax regime against the default, N >= 32768
 #   bash benchmarks/gpu_round.sh tune       # ~8 min: blocks/warps sweep of the kernels, a proposal for _tuning.py
 #                                           #   (TUNE_BUDGET_S=420 by default; TUNE_ONLY="fp32 non-last,cross"
 #                                           #   keeps cases whose label has one of these; TUNE_ARGS="--quick")
@@ -38,8 +39,10 @@ stamp=$(date -u +%Y%m%d)
 case "$phase" in
 round)
     total=${ROUND_BUDGET_S:-420}
-    t_check=$((total * 20 / 100)); t_sm=$((total * 35 / 100)); t_ce=$((total * 25 / 100)); t_lce=$((total * 20 / 100))
-    echo "== round: budget ${total}s (check ${t_check}s, softmax ${t_sm}s, ce ${t_ce}s, lce ${t_lce}s)" | tee -a "$log"
+    t_check=$((total * 18 / 100)); t_sm=$((total * 32 / 100)); t_ce=$((total * 22 / 100)); t_lce=$((total * 16 / 100))
+    t_res=$((total * 12 / 100))
+    echo "== round: budget ${total}s (check ${t_check}s, softmax ${t_sm}s, ce ${t_ce}s, lce ${t_lce}s," \
+        "resident ${t_res}s)" | tee -a "$log"
     # correctness first, cut off at its share (the kernels' compile dominates on a fresh machine); its verdict
     # is in the log either way
     timeout "$t_check" python3 -m pytest -q -x -m "not slow" -p no:cacheprovider \
@@ -57,6 +60,11 @@ round)
     timeout $((t_lce + 90)) python3 -m benchmarks.linear_ce --device cuda --shape llama3-8k --budget-s "$t_lce" \
         --json "$OUT/linear_ce-cuda-$stamp.json" >"$OUT/round-lce.log" 2>&1
     echo "== lce rc=$?" | tee -a "$log"
+    # last: the resident softmax regime (one read, a barrier between the programs of a row; not the default)
+    # against the default. Never run on a GPU before 2026-12-07: a hang here is cut by `timeout` (rc 124)
+    timeout $((t_res + 30)) python3 -m benchmarks.gpu_softmax --resident --budget-s "$t_res" \
+        --out "$OUT/gpu-softmax-resident-cuda-$stamp.json" >"$OUT/round-resident.log" 2>&1
+    echo "== resident rc=$? (124: cut, a hang if no row came back)" | tee -a "$log"
     # the short table last (only the tail of a device call's output comes back)
     python3 - "$OUT" "$stamp" <<'PY' 2>&1 | tee -a "$log"
 import json, os, sys
@@ -87,6 +95,12 @@ if ce:
         print(f"  {r['dtype']:4} {r['M']}x{r['V']} {r['provider']:13} {cell}")
     if ce.get("truncated"):
         print(f"  (budget: {len(ce['truncated']['cases_left'])} cases not run)")
+res = load("gpu-softmax-resident")
+if res:
+    print("softmax resident vs default (fraction of copy fwd/fwd+bwd):")
+    for r in res["rows"]:
+        val = r["error"][:60] if "error" in r else f"{r['fwd_frac']:.2f}/{r['fwdbwd_frac']:.2f}"
+        print(f"  {r['dtype']:4} {r['N']:>7} {r['layout']:8} {r['op']:11} {r['provider']:17} {val}")
 lce = load("linear_ce")
 if lce:
     print("linear CE fwd+bwd:")
@@ -118,6 +132,10 @@ lce)
     python3 -m logitkit bench --device cuda --suite linear-ce --json "$OUT/linear_ce-cuda-$stamp.json" 2>&1 \
         | tee -a "$log" | tail -30
     ;;
+resident)
+    timeout "${RESIDENT_TIMEOUT_S:-300}" python3 -m benchmarks.gpu_softmax --resident \
+        --out "$OUT/gpu-softmax-resident-cuda-$stamp.json" 2>&1 | tee -a "$log" | tail -40
+    ;;
 tune)
     # Stops itself at the budget and rewrites the JSON after every case; the summary table prints last.
     # shellcheck disable=SC2086  # TUNE_ARGS is word-split on purpose
@@ -125,7 +143,7 @@ tune)
         ${TUNE_ONLY:+--only "$TUNE_ONLY"} ${TUNE_ARGS:-} 2>&1 | tee -a "$log" | tail -60
     ;;
 *)
-    echo "unknown phase '$phase': round | check | softmax | ce | lce | tune" >&2
+    echo "unknown phase '$phase': round | check | softmax | ce | lce | resident | tune" >&2
     exit 2
     ;;
 esac

@@ -117,14 +117,86 @@ def run(quick: bool = False, budget_s: float | None = None, on_row=None, ns=None
     return payload
 
 
+# The resident regime (triton/_tuning.py; not the default until measured): rows longer than one program's tile,
+# held by a group of programs that meet at a barrier, x read once.  Timed against the default ("loop" / "split",
+# two reads) through the launchers (force_softmax is process-wide, but the launchers keep autograd out of it),
+# both on the same tensors; the headline lengths first.
+RESIDENT_NS = (1048576, 131072, 262144, 32768)
+
+
+def run_resident(budget_s: float | None = None, on_row=None, *, device: str = "cuda", ns=RESIDENT_NS,
+                 elems: int | None = None, bench=None, copy_tbs: float | None = None) -> dict:
+    """``device`` / ``elems`` (M * N) / ``bench`` / ``copy_tbs``: the CPU smoke test's small run (interpreter)."""
+    from logitkit.triton import _tuning
+    from logitkit.triton import softmax as kernels
+
+    _bench_fn = bench or _bench
+    deadline = harness.Deadline(budget_s)
+    todo = [(d, n, layout) for n in ns for d in DTYPES for layout in ("last", "non-last")]
+    rows = []
+    copy_tbs = copy_tbs or _copy_tbs()
+    payload = dict(meta=harness.metadata(device), copy_tbs=copy_tbs, rows=rows, truncated=None)
+    while todo and not deadline.expired():
+        dname, N, layout = todo.pop(0)
+        dtype, full = DTYPES[dname]
+        M = (elems or full) // N
+        dim = 1 if layout == "last" else 0  # the launchers take a non-negative dim
+        x = torch.randn((M, N) if dim == 1 else (N, M), device=device, dtype=dtype)
+        dy = torch.randn_like(x)
+        y, dx = torch.empty_like(x), torch.empty_like(x)
+        for op in OPS:
+            log = op == "log_softmax"
+            for name, regime in (("logitkit", None), ("logitkit-resident", "resident")):
+                row = dict(dtype=dname, N=N, M=M, layout=layout, op=op, provider=name)
+                try:
+                    with _tuning.force_softmax(regime):
+                        R = x.numel() // N
+                        cfg = _tuning.softmax_config(R, N, x.element_size(), dim == 0, x.device,
+                                                     vector_rows=dim == 1 or M % 16 == 0)
+                        row["config"] = cfg._asdict()
+
+                        def fwd():
+                            kernels.softmax_fwd_out(x, dim, log=log, out=y)
+
+                        def fwdbwd():
+                            kernels.softmax_fwd_out(x, dim, log=log, out=y)
+                            kernels.softmax_bwd_out(y, dy, dim, log=log, out=dx)
+
+                        ms_f, ms_b = _bench_fn(fwd), _bench_fn(fwdbwd)
+                    if regime is not None:  # y is the resident output: within rounding of the default's
+                        ref = torch.empty_like(x)
+                        kernels.softmax_fwd_out(x, dim, log=log, out=ref)
+                        row["max_abs_diff_vs_default"] = (y.float() - ref.float()).abs().max().item()
+                except Exception as exc:
+                    row["error"] = repr(exc)[:200]
+                    rows.append(row)
+                    continue
+                nbytes = x.numel() * x.element_size()
+                row.update(fwd_ms=ms_f, fwdbwd_ms=ms_b,
+                           fwd_tbs=2 * nbytes / ms_f / 1e9, fwdbwd_tbs=5 * nbytes / ms_b / 1e9)
+                row.update(fwd_frac=row["fwd_tbs"] / copy_tbs, fwdbwd_frac=row["fwdbwd_tbs"] / copy_tbs)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                if on_row is not None:
+                    on_row(payload)
+        del x, dy, y, dx
+    payload["truncated"] = deadline.truncation(todo)
+    return payload
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--resident", action="store_true",
+                    help="the resident regime against the default, N >= 32768 (logitkit only, via the launchers)")
     ap.add_argument("--budget-s", type=float, default=None, help="start no case after this many seconds")
     args = ap.parse_args(argv)
     save = (lambda p: harness.write_json(args.out, p)) if args.out else None
-    payload = run(quick=args.quick, budget_s=args.budget_s, on_row=save)
+    if args.resident:
+        payload = run_resident(budget_s=args.budget_s, on_row=save)
+    else:
+        payload = run(quick=args.quick, budget_s=args.budget_s, on_row=save)
     if save:
         save(payload)
     print(f"copy {payload['copy_tbs']:.2f} TB/s")

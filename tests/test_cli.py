@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 
 import pytest
 import torch
@@ -204,3 +205,24 @@ def test_suite_reports_every_row_as_it_lands():
     seen = []
     payload = linear_ce.run("cpu", True, providers=["torch", "logitkit"], on_row=lambda p: seen.append(len(p["rows"])))
     assert seen == [1, 2] and payload["truncated"] is None
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0") or torch.cuda.is_available(),
+                    reason="the CPU smoke run of the resident comparison needs Triton's interpreter")
+def test_gpu_softmax_resident_comparison_smoke(monkeypatch):
+    # benchmarks/gpu_softmax.py --resident on small CPU tensors: tiles of 16 (fp32) / 32 (bf16) columns, so a
+    # 64-long row is a group of 4 / 2 programs; the resident rows must equal the default's to within rounding.
+    pytest.importorskip("triton")
+    from benchmarks import gpu_softmax
+    from logitkit.triton import _tuning
+
+    monkeypatch.setattr(_tuning, "SOFTMAX_ROW_TILE", {2: 32, 4: 16, 8: 8})
+    payload = gpu_softmax.run_resident(device="cpu", ns=(64,), elems=64 * 16, bench=lambda fn: (fn(), 1.0)[1],
+                                       copy_tbs=1.0)
+    rows = payload["rows"]
+    assert len(rows) == 16 and not any("error" in r for r in rows), rows
+    for r in rows:
+        want = ("resident",) if r["provider"] == "logitkit-resident" else ("loop", "split")  # the default: 2 reads
+        assert r["config"]["regime"] in want, r
+        if r["provider"] == "logitkit-resident":
+            assert r["max_abs_diff_vs_default"] <= (2e-2 if r["dtype"] == "bf16" else 1e-6), r

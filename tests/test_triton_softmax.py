@@ -7,6 +7,7 @@ chunk, so a 37-long row already takes the looped and split paths.
 
 import math
 import os
+import threading
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from logitkit.reference import oracle
 if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")):
     pytest.skip("the Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 pytest.importorskip("triton")
+import triton  # noqa: E402
 
 from logitkit.autograd.softmax import LogsumexpFunction, SoftmaxFunction  # noqa: E402
 from logitkit.triton import _tuning  # noqa: E402
@@ -27,11 +29,13 @@ from logitkit.triton import softmax as kernels  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-# Each regime with the blocks that make a 37-long row take it: one tile; 5 chunks of 8; 3 segments of 2 chunks.
+# Each regime with the blocks that make a 37-long row take it: one tile; 5 chunks of 8; 3 segments of 2 chunks;
+# a group of 5 programs holding 8 columns each.
 REGIMES = {
     "row": dict(),
     "loop": dict(block_n=8),
     "split": dict(block_n=8, split=3),
+    "resident": dict(block_n=8),
 }
 # (shape, dim): the last dim, and a middle dim (strided reduction: stride 3, rows interleaved).
 LAYOUTS = [((1, 37), 1), ((1, 37, 3), 1)]
@@ -94,9 +98,31 @@ def test_forced_configs_take_their_regime():
                 assert cfg.regime == regime, (regime, cfg)
                 if regime == "split":
                     assert cfg.split == 3 and cfg.segment == 16
+                if regime == "resident":
+                    assert cfg.split == 5 and cfg.segment == cfg.BLOCK_N == 8
     with pytest.raises(ValueError):
         with _tuning.force_softmax("nope"):
             pass
+
+
+def test_overrides_reach_autograd_threads():
+    # On CUDA, autograd runs backward on a device thread: a forced regime must reach it (a ContextVar would not).
+    seen = []
+
+    def probe():
+        seen.append(_tuning.softmax_config(6, 37, 4, False, torch.device(DEVICE)).regime)
+        seen.append(_tuning.cross_entropy_config(300, "cpu"))
+
+    with _tuning.force_softmax("split", block_n=8, split=3), _tuning.force_cross_entropy(64, num_warps=2):
+        worker = threading.Thread(target=probe)
+        worker.start()
+        worker.join()
+    assert seen == ["split", (64, 2)], seen
+    with _tuning.force_softmax("loop", block_n=8):
+        with _tuning.force_softmax("row"):
+            pass
+        assert _tuning.softmax_config(6, 37, 4, False, torch.device(DEVICE)).regime == "loop"  # inner one undone
+    assert _tuning.softmax_config(6, 37, 4, False, torch.device(DEVICE)).regime == "row"
 
 
 # The automatic choice, without overrides (the CPU assumes 8 programs fill the device).
@@ -143,6 +169,78 @@ def test_strided_rows_per_program(elem, device, monkeypatch):
                 assert scalar.BLOCK_M * scalar.BLOCK_N <= small, (R, N, scalar)
                 if N >= small // _tuning.SOFTMAX_STRIDED_MIN_ROWS:
                     assert scalar.BLOCK_M * scalar.BLOCK_N == small, (R, N, scalar)
+
+
+# The resident regime (_tuning.py): a row group of SPLIT programs, one tile each, meets at a counter per row
+# block.  In the interpreter the grid first runs arriving only, then waiting: every counter ends at 2 * SPLIT
+# (SPLIT on a GPU, one launch); a row group larger than the device can hold is refused or, by default, not taken.
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_resident_barrier_counts_every_program(op, layout, monkeypatch):
+    shape, dim = layout
+    made = []
+    real = kernels._resident_workspace
+    monkeypatch.setattr(kernels, "_resident_workspace", lambda *a: made.append(real(*a)) or made[-1])
+    x = (torch.randn((5,) + shape[1:], dtype=F64) * 4).to(F32).to(DEVICE)
+    with logitkit.use_backend("triton"), _tuning.force_softmax("resident", block_n=8):
+        cfg = _tuning.softmax_config(x.numel() // 37, 37, 4, dim != x.dim() - 1, x.device)
+        xr = x.clone().requires_grad_()
+        y = _fn(op, dim)(xr)
+        (gx,) = torch.autograd.grad(y, xr, torch.randn_like(y))
+    assert _value_error(op, y.detach(), x, dim, F32) <= ULPS[op][F32]
+    launches = 1 if DEVICE == "cuda" else 2
+    # softmax / log_softmax: forward and backward; logsumexp: its backward (the forward is one read anyway)
+    assert len(made) == (1 if op == "logsumexp" else 2), len(made)
+    for ws, cnt in made:
+        assert cnt.dtype == torch.int32 and cnt.numel() == triton.cdiv(x.numel() // 37, cfg.BLOCK_M)
+        assert torch.all(cnt == launches * cfg.split), cnt
+        assert ws.shape == (2, x.numel() // 37, 5)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the interpreter's sequential programs make a group that never meets")
+def test_resident_barrier_gives_up_with_nan(monkeypatch):
+    # Without the arrive-first launch, program s of a row group sees s + 1 arrivals: after the poll limit the
+    # first four tiles of each 37-long row (5 programs of 8) give NaN, the last one meets its group.
+    import triton.language as tl
+
+    from logitkit.triton import _lib
+
+    monkeypatch.setattr(_lib, "GROUP_BARRIER_MAX_POLLS", tl.constexpr(3))
+    monkeypatch.setattr(kernels, "_arrive_first", lambda cfg, x: False)
+    x = torch.randn(2, 37, dtype=F32)
+    with _tuning.force_softmax("resident", block_n=8):
+        y = kernels.softmax_fwd(x, 1)
+        dx = kernels.softmax_bwd(torch.softmax(x, 1), torch.randn_like(x), 1)
+    for t in (y, dx):
+        assert torch.isnan(t[:, :32]).all() and not torch.isnan(t[:, 32:]).any()
+    assert torch.allclose(y[:, 32:].double(), torch.softmax(x.double(), 1)[:, 32:], rtol=1e-6, atol=0)
+
+
+def test_resident_group_limit(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(_tuning, "_sm_count", lambda idx: 132)
+    with _tuning.force_softmax("resident"):
+        cfg = _tuning.softmax_config(256, 1 << 20, 2, False, cuda)  # 1M bf16: 64 programs of 16384
+        assert (cfg.regime, cfg.BLOCK_M, cfg.BLOCK_N, cfg.split) == ("resident", 1, 16384, 64), cfg
+        cfg = _tuning.softmax_config(256, 1 << 16, 2, True, cuda)  # strided: 16 x 1024 tiles, 64 programs
+        assert (cfg.regime, cfg.BLOCK_M, cfg.BLOCK_N, cfg.split) == ("resident", 16, 1024, 64), cfg
+        with pytest.raises(ValueError, match="at most 66"):  # half the SMs
+            _tuning.softmax_config(256, 1 << 17, 2, True, cuda)
+        with pytest.raises(ValueError, match="resident"):
+            _tuning.softmax_config(256, 1 << 21, 2, False, cuda)  # 128 programs
+    monkeypatch.setattr(_tuning, "_sm_count", lambda idx: 64)
+    with _tuning.force_softmax("resident"), pytest.raises(ValueError, match="at most 32"):
+        _tuning.softmax_config(256, 1 << 20, 2, False, cuda)
+    # the table's choice: never resident unless SOFTMAX_RESIDENT_AUTO; then wherever the group fits
+    monkeypatch.setattr(_tuning, "_sm_count", lambda idx: 132)
+    assert _tuning.softmax_config(256, 1 << 20, 2, False, cuda).regime == "split"
+    monkeypatch.setattr(_tuning, "SOFTMAX_RESIDENT_AUTO", True)
+    assert _tuning.softmax_config(256, 1 << 20, 2, False, cuda).regime == "resident"
+    assert _tuning.softmax_config(256, 1 << 22, 2, False, cuda).regime == "split"  # too long: two reads
+    assert _tuning.softmax_config(4096, 1024, 2, False, cuda).regime == "row"
+    cfg = _tuning.softmax_config(64, 40000, 4, False, torch.device("cpu"))
+    assert (cfg.regime, cfg.split) == ("resident", 5), cfg
+    assert not _tuning.softmax_reverse(cfg, 64, 40000, 4, cuda)  # one read: no second pass to order
 
 
 # The launcher's vector_rows: only 16 adjacent, 16-aligned strided rows keep the full tile; values stay exact.

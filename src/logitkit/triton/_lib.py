@@ -15,6 +15,7 @@ Names (keep stable):
   FP_OPTIONS                      launch options every kernel using these helpers passes (``**FP_OPTIONS``)
   chunk_start(start, end, n0, B, R) start column of a second pass's chunk at step n0, last first when R
   program_index(REV)              tl.program_id(0), counted from the last program when REV
+  group_barrier(cnt, n, WAIT)     arrive at a group counter and (WAIT) spin until n programs have arrived
 """
 
 import triton
@@ -375,3 +376,34 @@ def program_index(REVERSE: tl.constexpr):
         return tl.num_programs(0) - 1 - tl.program_id(0)
     else:
         return tl.program_id(0)
+
+
+# Polls of a group counter before group_barrier gives up (about 10 s of L2 round trips): a group that cannot
+# complete (programs that never become resident) then yields NaN outputs instead of hanging the device.
+GROUP_BARRIER_MAX_POLLS = tl.constexpr(1 << 24)
+
+
+@triton.jit
+def group_barrier(cnt_ptr, arrivals, WAIT: tl.constexpr):
+    """Arrive at ``cnt_ptr`` (an int32 counter of one group of programs, zero before the launch) and, when WAIT,
+    spin until ``arrivals`` programs have arrived; returns whether they did (False only after
+    GROUP_BARRIER_MAX_POLLS polls: the caller writes NaN rather than hang).  The resident regime's barrier
+    between the programs of one row group (_tuning.py "resident").  The CTA barrier orders every thread's earlier
+    stores before the arrival; the scalar atomics are one thread's (Triton predicates them on one lane and
+    broadcasts the result), release on arrival and acquire while polling, at GPU scope; the data written before
+    the arrival must be read back with ``cache_modifier=".cg"`` (from L2: L1 is not coherent across SMs).
+    Forward progress needs every program of a group resident at once: a group is consecutive program ids
+    (dispatched in order) and at most _tuning.resident_group_limit programs.  The interpreter runs programs one
+    after another: its launcher first runs the grid with WAIT=False (every program arrives), so the waiting
+    launch finds its counters complete."""
+    tl.debug_barrier()
+    tl.atomic_add(cnt_ptr, 1, sem="release", scope="gpu")
+    seen = arrivals
+    if WAIT:
+        seen = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
+        polls = 1
+        while (seen < arrivals) & (polls < GROUP_BARRIER_MAX_POLLS):
+            seen = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
+            polls += 1
+        tl.debug_barrier()
+    return seen >= arrivals

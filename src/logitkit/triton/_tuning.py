@@ -9,7 +9,6 @@ and warps on a GPU and proposes table entries).
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -36,8 +35,22 @@ def _check_num_warps(num_warps: int | None) -> None:
 #   "loop":  BLOCK_M rows per program, an online (max, rest-sum) pass over BLOCK_N chunks, then an output pass.
 #   "split": too few row blocks to fill the device: each row is cut into SPLIT segments, one program per
 #            (row block, segment) writes a partial state; a second launch combines and writes its segment.
+#   "resident": rows too long for one program's registers, held by a group of programs instead: each program
+#            loads one BLOCK_M x BLOCK_N tile of the row block, publishes its partial state to a workspace,
+#            waits at a barrier with the other programs of its row block (_lib.group_barrier), combines the
+#            states and writes its tile from registers: x read once, in one launch (the forward and backward
+#            alike).  The barrier needs the whole group resident at once: one program per SM is always
+#            possible, so a group has at most half the SM count (66 on an H100, room for a second such launch
+#            on another stream; RESIDENT_MAX_GROUP caps it too): 1M bf16 / 512k fp32 contiguous, 64k bf16 /
+#            32k fp32 strided (16-row tiles).  A longer row takes "loop" / "split".  Not the default (SOFTMAX_RESIDENT_AUTO) until an H100 shows it
+#            beating "loop" / "split" (which read the row twice) and never hanging: force_softmax("resident"),
+#            benchmarks/tune.py and gpu_round.sh's "resident" phase measure it.
 
-SOFTMAX_REGIMES = ("row", "loop", "split")
+SOFTMAX_REGIMES = ("row", "loop", "split", "resident")
+# Take "resident" by default where a row does not fit one program's tile and its group fits the device.
+SOFTMAX_RESIDENT_AUTO = False
+# Programs per row group at most (besides the SM count on a CUDA device).
+RESIDENT_MAX_GROUP = 128
 
 # Largest register tile (elements) per program for the whole-row regime, by input element size in bytes.
 SOFTMAX_ROW_TILE = {2: 16384, 4: 8192, 8: 4096}
@@ -82,9 +95,26 @@ class SoftmaxOverride(NamedTuple):
     reverse: bool | None = None  # the order of the second pass (see ``second_pass_reverse``)
 
 
-_override: contextvars.ContextVar[SoftmaxOverride | None] = contextvars.ContextVar(
-    "logitkit_softmax_override", default=None
-)
+class _Overrides:
+    """The forcing hooks' stack of overrides, one per process (the innermost ``with`` wins).  Not a ContextVar:
+    on CUDA, autograd runs backward on its own device thread, where a ContextVar set by the caller is unset and a
+    forced regime would reach the forward kernels only.  A test and tuning hook: threads share it."""
+
+    def __init__(self) -> None:
+        self._stack: list = []
+
+    def get(self):
+        return self._stack[-1] if self._stack else None
+
+    def set(self, value) -> int:
+        self._stack.append(value)
+        return len(self._stack) - 1
+
+    def reset(self, token: int) -> None:
+        del self._stack[token:]
+
+
+_override = _Overrides()
 
 
 @contextlib.contextmanager
@@ -138,6 +168,15 @@ def softmax_config(R: int, N: int, elem_size: int, strided: bool, device: torch.
     regime = ov.regime
     if regime is None:
         regime = "row" if n_pow2 * min_rows <= row_tile else "loop"
+    if regime == "resident" or (regime == "loop" and ov.regime is None and SOFTMAX_RESIDENT_AUTO):
+        cfg = _resident_config(N, n_pow2, row_tile if vector_rows or not strided
+                               else SOFTMAX_STRIDED_SCALAR_TILE[elem_size], min_rows, ov, device)
+        if cfg is not None:
+            return cfg
+        if ov.regime == "resident":
+            raise ValueError(f"the resident regime holds a row of {N} in at most {resident_group_limit(device)} "
+                             f"programs; this row needs more (a larger block_n, or another regime)")
+        regime = "loop"
     if regime == "row":
         BLOCK_N = n_pow2  # the same padded length in every layout: the same reduction order
         BLOCK_M = ov.block_m or max(min_rows, min(row_tile // BLOCK_N, triton.next_power_of_2(R)))
@@ -166,6 +205,27 @@ def softmax_config(R: int, N: int, elem_size: int, strided: bool, device: torch.
         return SoftmaxConfig("split", BLOCK_M, BLOCK_N, split, seg_chunks * BLOCK_N,
                              _warps(BLOCK_M * BLOCK_N, ov.num_warps))
     return SoftmaxConfig("loop", BLOCK_M, BLOCK_N, 1, N, _warps(BLOCK_M * BLOCK_N, ov.num_warps))
+
+
+def resident_group_limit(device: torch.device) -> int:
+    """Programs one row group of the resident regime may have.  All of them must be resident at once; any kernel
+    fits one program per SM, and half the SMs leave room for a second resident launch on another stream (two
+    launches holding half a group each would otherwise wait on each other)."""
+    if device.type == "cuda":
+        return min(RESIDENT_MAX_GROUP, _sm_count(_device_index(device)) // 2)
+    return RESIDENT_MAX_GROUP
+
+
+def _resident_config(N: int, n_pow2: int, tile: int, min_rows: int, ov: SoftmaxOverride,
+                     device: torch.device) -> SoftmaxConfig | None:
+    """The resident regime's blocks (a row group of ``split`` programs, one BLOCK_M x BLOCK_N tile each), or
+    None when the group would be too large for the device."""
+    BLOCK_M = ov.block_m or min_rows
+    BLOCK_N = ov.block_n or min(n_pow2, max(16, tile // BLOCK_M))
+    split = triton.cdiv(N, BLOCK_N)  # one tile per program (force_softmax's split does not apply)
+    if split > resident_group_limit(device):
+        return None
+    return SoftmaxConfig("resident", BLOCK_M, BLOCK_N, split, BLOCK_N, _warps(BLOCK_M * BLOCK_N, ov.num_warps))
 
 
 # second-pass order -----------------------------------------------------------------------------------------
@@ -228,8 +288,8 @@ def softmax_reverse(cfg: SoftmaxConfig, R: int, N: int, read_bytes: int, device:
     per element (x's element size forward; y's plus g's backward)."""
     ov = _override.get()
     if ov is not None and ov.reverse is not None:
-        return ov.reverse and cfg.regime != "row"
-    if cfg.regime == "row" or device.type != "cuda":
+        return ov.reverse and cfg.regime not in ("row", "resident")
+    if cfg.regime in ("row", "resident") or device.type != "cuda":
         return False
     if cfg.regime == "split":
         return second_pass_reverse(R * N * read_bytes, device)
@@ -260,9 +320,7 @@ class CrossEntropyOverride(NamedTuple):
     reverse: bool | None = None  # the order of the looped kernels' second pass
 
 
-_ce_override: contextvars.ContextVar[CrossEntropyOverride | None] = contextvars.ContextVar(
-    "logitkit_ce_override", default=None
-)
+_ce_override = _Overrides()
 
 
 @contextlib.contextmanager

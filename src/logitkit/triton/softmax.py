@@ -8,10 +8,13 @@ Layout:   x is viewed as (P, N, K) with the reduced dim N in the middle and any 
           is a strided reduction in the kernel, never a transpose copy; a row is (p, k), row index p*K + k.
 Regimes:  (triton/_tuning.py) "row": the whole row in registers, several rows per program, x read once;
           "loop": an online (max, rest-sum) pass over chunks, then an output pass (second read mostly from L2);
-          "split": rows cut into segments, a state per segment to a workspace, then a combining output pass.
+          "split": rows cut into segments, a state per segment to a workspace, then a combining output pass;
+          "resident" (not the default until measured): a row held by a group of programs, one tile each, which
+          publish their tiles' states, meet at a barrier (_lib.group_barrier) and write from registers.
           The output pass walks its chunks (split: and programs) in reverse when the rows in flight outgrow
           the L2 (_tuning.py "second-pass order"): the re-reads then start with the most recently read lines.
-Traffic:  forward reads x once ("row") or twice (else) and writes y once; backward reads y and g once or twice.
+Traffic:  forward reads x once ("row", "resident") or twice (else) and writes y once; backward reads y and g
+          once or twice.
 Numerics: fp32 working precision; the rest sum is carried scaled, rest = 2**64 r (_lib's *_scaled helpers), so
           terms whose exp(x - a) is subnormal in fp32 keep their bits (underflow family); float32 inputs carry
           x - a as TwoSum hi + lo and use libdevice exp/log1p (tl.exp is ex2.approx on the GPU); true divisions
@@ -41,6 +44,7 @@ from ._lib import (
     exp_fast,
     exp_scaled_diff,
     finish_lse_scaled,
+    group_barrier,
     log1p_acc,
     merge_state_comp,
     merge_state_scaled,
@@ -151,11 +155,13 @@ def _state_kernel(x_ptr, m_ptr, out_ptr, ws_ptr, R, N, K,
 
 @triton.jit
 def _load_states(ws_ptr, rows, row_ok, R, SPLIT, BLOCK_S: tl.constexpr):
+    """The SPLIT partial states of each row, from L2 (".cg": the resident regime's were written by other SMs
+    during this launch)."""
     s = tl.arange(0, BLOCK_S)
     ok = row_ok[:, None] & (s[None, :] < SPLIT)
     off = rows[:, None] * SPLIT + s[None, :]
-    a = tl.load(ws_ptr + off, mask=ok, other=float("-inf"))
-    rest = tl.load(ws_ptr + R * SPLIT + off, mask=ok, other=0.0)
+    a = tl.load(ws_ptr + off, mask=ok, other=float("-inf"), cache_modifier=".cg")
+    rest = tl.load(ws_ptr + R * SPLIT + off, mask=ok, other=0.0, cache_modifier=".cg")
     return a, rest
 
 
@@ -170,13 +176,17 @@ def _lse_combine_kernel(ws_ptr, out_ptr, R, SPLIT, EXACT: tl.constexpr, BLOCK_M:
 
 
 @triton.jit
-def _softmax_fwd_kernel(x_ptr, m_ptr, y_ptr, ws_ptr, g_ptr, R, N, K,
+def _softmax_fwd_kernel(x_ptr, m_ptr, y_ptr, ws_ptr, g_ptr, cnt_ptr, R, N, K,
                         sx_p, sx_n, sx_k, sm_p, sm_n, sm_k, sy_p, sy_n, sy_k, sg_p, sg_k, SEGMENT, SPLIT,
                         LOG: tl.constexpr, HAS_MASK: tl.constexpr, EXACT: tl.constexpr, ONE_TILE: tl.constexpr,
                         FROM_WS: tl.constexpr, SCALE_G: tl.constexpr, REVERSE: tl.constexpr,
+                        RESIDENT: tl.constexpr, WAIT: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
     """softmax / log_softmax; SCALE_G: softmax times a per-row g (the logsumexp backward, g of shape (P, 1, K));
-    REVERSE: the output pass walks its chunks (and, from the workspace, the programs) last first."""
+    REVERSE: the output pass walks its chunks (and, from the workspace, the programs) last first.
+    RESIDENT: program (row block, seg) holds tile seg of its rows, publishes its state to ws, meets the row
+    block's SPLIT programs at cnt[row block] and writes the tile; WAIT=False only arrives (the interpreter's
+    first launch, see _lib.group_barrier)."""
     if FROM_WS:
         pid = program_index(REVERSE)
     else:
@@ -198,6 +208,21 @@ def _softmax_fwd_kernel(x_ptr, m_ptr, y_ptr, ws_ptr, g_ptr, R, N, K,
             y = _times_g(y, x, a, rest, g)
         tl.store(y_ptr + (yrow[:, None] + cols.to(tl.int64)[None, :] * sy_n), round_to(y, y_ptr.dtype.element_ty),
                  mask=ok)
+    elif RESIDENT:
+        cols = seg.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        x, ok = _load_row_tile(x_ptr, m_ptr, xrow, mrow, row_ok, cols, N, sx_n, sm_n, HAS_MASK)
+        a_c, rest_c = tile_state_scaled(x, EXACT)
+        tl.store(ws_ptr + rows * SPLIT + seg, a_c, mask=row_ok)
+        tl.store(ws_ptr + (R + rows) * SPLIT + seg, rest_c, mask=row_ok)
+        complete = group_barrier(cnt_ptr + pid_m, SPLIT, WAIT)
+        if WAIT:
+            a_s, rest_s = _load_states(ws_ptr, rows, row_ok, R, SPLIT, BLOCK_S)
+            a, rest = combine_states_scaled(a_s, rest_s, EXACT)
+            y = _normalised(x, a, rest, LOG, HAS_MASK, EXACT)
+            if SCALE_G:
+                y = _times_g(y, x, a, rest, g)
+            y = tl.where(complete, y, float("nan"))  # the group never met (see _lib.group_barrier): NaN, no hang
+            tl.store(y_ptr + (yrow[:, None] + cols[None, :] * sy_n), round_to(y, y_ptr.dtype.element_ty), mask=ok)
     else:
         if FROM_WS:  # "split": the partial states of this row's segments, combined
             a_s, rest_s = _load_states(ws_ptr, rows, row_ok, R, SPLIT, BLOCK_S)
@@ -262,14 +287,28 @@ def _bwd_values(y, g, keep, s, alive, LOG: tl.constexpr, HAS_MASK: tl.constexpr,
 
 
 @triton.jit
-def _softmax_bwd_kernel(y_ptr, g_ptr, m_ptr, dx_ptr, ws_ptr, R, N, K,
+def _load_partials(ws_ptr, rows, row_ok, R, SPLIT, BLOCK_S: tl.constexpr):
+    """The rows' backward partials summed (s) and maxed (alive) over their SPLIT segments (from L2, as
+    _load_states)."""
+    sidx = tl.arange(0, BLOCK_S)
+    sok = row_ok[:, None] & (sidx[None, :] < SPLIT)
+    off = rows[:, None] * SPLIT + sidx[None, :]
+    s = tl.sum(tl.load(ws_ptr + off, mask=sok, other=0.0, cache_modifier=".cg"), axis=1)
+    alive = tl.max(tl.load(ws_ptr + R * SPLIT + off, mask=sok, other=0.0, cache_modifier=".cg"), axis=1)
+    return s, alive
+
+
+@triton.jit
+def _softmax_bwd_kernel(y_ptr, g_ptr, m_ptr, dx_ptr, ws_ptr, cnt_ptr, R, N, K,
                         sy_p, sy_n, sy_k, sg_p, sg_n, sg_k, sm_p, sm_n, sm_k, sd_p, sd_n, sd_k,
                         SEGMENT, SPLIT,
                         LOG: tl.constexpr, HAS_MASK: tl.constexpr, EXACT: tl.constexpr, ONE_TILE: tl.constexpr,
-                        PHASE: tl.constexpr, REVERSE: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+                        PHASE: tl.constexpr, REVERSE: tl.constexpr, RESIDENT: tl.constexpr, WAIT: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
     """PHASE 0: "row"/"loop" in one launch; 1: split partials (s, alive) to ws; 2: combine them and write dx.
-    REVERSE: the dx pass walks its chunks (and, in PHASE 2, the programs) last first."""
+    REVERSE: the dx pass walks its chunks (and, in PHASE 2, the programs) last first.
+    RESIDENT (PHASE 0): program (row block, seg) holds tiles seg of y and g, publishes its partials to ws,
+    meets the row block's SPLIT programs at cnt[row block] (WAIT=False: arrive only) and writes its dx tile."""
     if PHASE == 2:
         pid = program_index(REVERSE)
     else:
@@ -289,15 +328,24 @@ def _softmax_bwd_kernel(y_ptr, g_ptr, m_ptr, dx_ptr, ws_ptr, R, N, K,
         dx = _bwd_values(y, g, keep, s, alive, LOG, HAS_MASK, EXACT)
         tl.store(dx_ptr + (drow[:, None] + cols.to(tl.int64)[None, :] * sd_n), round_to(dx, dx_ptr.dtype.element_ty),
                  mask=ok)
+    elif RESIDENT:
+        cols = seg.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        y, g, keep, ok = _load_bwd_tile(y_ptr, g_ptr, m_ptr, yrow, grow, mrow, row_ok, cols, N, sy_n, sg_n, sm_n,
+                                        HAS_MASK)
+        s_c, alive_c = _bwd_partials(y, g, keep, LOG)
+        tl.store(ws_ptr + rows * SPLIT + seg, s_c, mask=row_ok)
+        tl.store(ws_ptr + (R + rows) * SPLIT + seg, alive_c, mask=row_ok)
+        complete = group_barrier(cnt_ptr + pid_m, SPLIT, WAIT)
+        if WAIT:
+            s, alive = _load_partials(ws_ptr, rows, row_ok, R, SPLIT, BLOCK_S)
+            dx = _bwd_values(y, g, keep, s, alive, LOG, HAS_MASK, EXACT)
+            dx = tl.where(complete, dx, float("nan"))
+            tl.store(dx_ptr + (drow[:, None] + cols[None, :] * sd_n), round_to(dx, dx_ptr.dtype.element_ty), mask=ok)
     else:
         start = seg.to(tl.int64) * SEGMENT
         end = tl.minimum(start + SEGMENT, N)
         if PHASE == 2:
-            sidx = tl.arange(0, BLOCK_S)
-            sok = row_ok[:, None] & (sidx[None, :] < SPLIT)
-            off = rows[:, None] * SPLIT + sidx[None, :]
-            s = tl.sum(tl.load(ws_ptr + off, mask=sok, other=0.0), axis=1)
-            alive = tl.max(tl.load(ws_ptr + R * SPLIT + off, mask=sok, other=0.0), axis=1)
+            s, alive = _load_partials(ws_ptr, rows, row_ok, R, SPLIT, BLOCK_S)
         else:
             s = tl.zeros([BLOCK_M], tl.float32)
             alive = tl.zeros([BLOCK_M], tl.float32)
@@ -375,6 +423,19 @@ def _grid(cfg: _tuning.SoftmaxConfig, R: int) -> tuple[int]:
     return (triton.cdiv(R, cfg.BLOCK_M) * cfg.split,)
 
 
+def _resident_workspace(cfg: _tuning.SoftmaxConfig, R: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The resident regime's per-tile partials (2, R, SPLIT) and one zeroed arrival counter per row block."""
+    ws = torch.empty((2, R, cfg.split), dtype=torch.float32, device=device)
+    return ws, torch.zeros(triton.cdiv(R, cfg.BLOCK_M), dtype=torch.int32, device=device)
+
+
+def _arrive_first(cfg: _tuning.SoftmaxConfig, x: Tensor) -> bool:
+    """The interpreter runs a grid's programs one after another, so a resident launch would wait forever for
+    the programs after it: there the grid runs once with WAIT=False first (each program publishes its tile and
+    arrives), and the waiting launch then finds its counters complete (_lib.group_barrier)."""
+    return cfg.regime == "resident" and x.device.type != "cuda"
+
+
 def _states(x, dim, mask, cfg, R, N, K, lse_out):
     """Launch the state kernel: lse into ``lse_out`` (split == 1) or partial states into a new workspace."""
     xv, sx_p, sx_n, sx_k = _pnk(x, dim)
@@ -396,17 +457,21 @@ def _normalise_launch(x: Tensor, dim: int, mask: Tensor | None, log: bool, out: 
     assert yv.data_ptr() == out.data_ptr() and yv.stride() == out.stride(), "out must be viewable as (P, N, K)"
     gv, sg_p, sg_k = (xv, 0, 0) if g is None else (lambda t: (t[0], t[1], t[3]))(_pnk(g, dim))
     cfg = _config(R, N, K, xv, sx_p, sx_n, sx_k)
-    ws = xv
+    ws = cnt = xv
     if cfg.regime == "split":
         ws = _states(xv, dim, mask, cfg, R, N, K, xv)
+    elif cfg.regime == "resident":
+        ws, cnt = _resident_workspace(cfg, R, x.device)
     reverse = _tuning.softmax_reverse(cfg, R, N, x.element_size(), x.device)
-    _softmax_fwd_kernel[_grid(cfg, R)](
-        xv, m, yv, ws, gv, R, N, K, sx_p, sx_n, sx_k, sm_p, sm_n, sm_k, sy_p, sy_n, sy_k, sg_p, sg_k,
-        cfg.segment, cfg.split, LOG=log, HAS_MASK=mask is not None, EXACT=x.dtype == torch.float32,
-        ONE_TILE=cfg.regime == "row", FROM_WS=cfg.regime == "split", SCALE_G=g is not None, REVERSE=reverse,
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_S=triton.next_power_of_2(cfg.split),
-        num_warps=cfg.num_warps, **FP_OPTIONS,
-    )
+    args = (xv, m, yv, ws, gv, cnt, R, N, K, sx_p, sx_n, sx_k, sm_p, sm_n, sm_k, sy_p, sy_n, sy_k, sg_p, sg_k,
+            cfg.segment, cfg.split)
+    meta = dict(LOG=log, HAS_MASK=mask is not None, EXACT=x.dtype == torch.float32, ONE_TILE=cfg.regime == "row",
+                FROM_WS=cfg.regime == "split", SCALE_G=g is not None, REVERSE=reverse,
+                RESIDENT=cfg.regime == "resident", BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+                BLOCK_S=triton.next_power_of_2(cfg.split), num_warps=cfg.num_warps, **FP_OPTIONS)
+    if _arrive_first(cfg, x):
+        _softmax_fwd_kernel[_grid(cfg, R)](*args, WAIT=False, **meta)
+    _softmax_fwd_kernel[_grid(cfg, R)](*args, WAIT=True, **meta)
     return out
 
 
@@ -475,15 +540,20 @@ def softmax_bwd_out(y: Tensor, g: Tensor, dim: int, *, mask: Tensor | None = Non
     args = (R, N, K, sy_p, sy_n, sy_k, sg_p, sg_n, sg_k, sm_p, sm_n, sm_k, sd_p, sd_n, sd_k, cfg.segment, cfg.split)
     reverse = _tuning.softmax_reverse(cfg, R, N, y.element_size() + g.element_size(), y.device)
     meta = dict(LOG=log, HAS_MASK=mask is not None, EXACT=y.dtype == torch.float32, ONE_TILE=cfg.regime == "row",
-                REVERSE=reverse,
+                REVERSE=reverse, RESIDENT=cfg.regime == "resident",
                 BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_S=triton.next_power_of_2(cfg.split),
                 num_warps=cfg.num_warps, **FP_OPTIONS)
     if cfg.regime == "split":
         ws = torch.empty((2, R, cfg.split), dtype=torch.float32, device=y.device)
-        _softmax_bwd_kernel[_grid(cfg, R)](yv, gv, m, dv, ws, *args, PHASE=1, **meta)
-        _softmax_bwd_kernel[_grid(cfg, R)](yv, gv, m, dv, ws, *args, PHASE=2, **meta)
+        _softmax_bwd_kernel[_grid(cfg, R)](yv, gv, m, dv, ws, yv, *args, PHASE=1, WAIT=True, **meta)
+        _softmax_bwd_kernel[_grid(cfg, R)](yv, gv, m, dv, ws, yv, *args, PHASE=2, WAIT=True, **meta)
+    elif cfg.regime == "resident":
+        ws, cnt = _resident_workspace(cfg, R, y.device)
+        if _arrive_first(cfg, y):
+            _softmax_bwd_kernel[_grid(cfg, R)](yv, gv, m, dv, ws, cnt, *args, PHASE=0, WAIT=False, **meta)
+        _softmax_bwd_kernel[_grid(cfg, R)](yv, gv, m, dv, ws, cnt, *args, PHASE=0, WAIT=True, **meta)
     else:
-        _softmax_bwd_kernel[_grid(cfg, R)](yv, gv, m, dv, yv, *args, PHASE=0, **meta)
+        _softmax_bwd_kernel[_grid(cfg, R)](yv, gv, m, dv, yv, yv, *args, PHASE=0, WAIT=True, **meta)
     return out
 
 

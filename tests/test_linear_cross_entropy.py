@@ -760,3 +760,42 @@ def test_block_kernels_take_strided_targets():
         with lk.use_backend("triton"):
             out = lk.linear_cross_entropy(x, W, t, options=_Options(2), strategy=strategy)
         assert _rel(out, ref) < 4 * torch.finfo(F32).eps, strategy
+
+
+# Review findings (2026-12-07): a non-finite upstream gradient propagates (the fused path used to zero it), D = 0
+# works as in torch, a class weight that requires grad is refused as torch does.
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_upstream_gradient_propagates(strategy, reduction, bad):
+    x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(23, 8, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 23, (5,))
+    loss = lk.linear_cross_entropy(x, W, t, reduction=reduction, strategy=strategy)
+    gx, gW = torch.autograd.grad(loss, (x, W), torch.tensor(bad, dtype=torch.float64))
+    ref = F.cross_entropy(F.linear(x, W), t, reduction=reduction)
+    rx, rW = torch.autograd.grad(ref, (x, W), torch.tensor(bad, dtype=torch.float64))
+    for ours, theirs in ((gx, rx), (gW, rW)):
+        # non-finite wherever torch's is (an inf g: torch's sums of +-inf give NaN, the scaled fused gradient +-inf)
+        assert not torch.isfinite(theirs).any() and not torch.isfinite(ours).any()
+        if math.isnan(bad):
+            assert ours.isnan().all()
+    # the all-ignored mean keeps its zero gradients (denominator 0), as torch
+    tt = torch.full((5,), -100)
+    (g0,) = torch.autograd.grad(lk.linear_cross_entropy(x, W, tt, reduction=reduction, strategy=strategy), x)
+    assert torch.equal(g0, torch.zeros_like(x))
+
+
+def test_zero_in_features():
+    x = torch.randn(5, 0, requires_grad=True)
+    W = torch.randn(23, 0, requires_grad=True)
+    loss = lk.linear_cross_entropy(x, W, torch.arange(5))
+    assert abs(loss.item() - math.log(23)) < 1e-6
+    loss.backward()
+    assert x.grad.shape == (5, 0) and W.grad.shape == (23, 0)
+
+
+def test_class_weight_requiring_grad_is_refused():
+    w = torch.rand(23, requires_grad=True)
+    with pytest.raises(ValueError, match="weight"):
+        lk.linear_cross_entropy(torch.randn(5, 8), torch.randn(23, 8), torch.arange(5), weight=w)

@@ -119,3 +119,46 @@ def test_unknown_backend():
     with pytest.raises(ValueError, match="backend"):
         with logitkit.use_backend("cuda-magic"):
             pass
+
+
+# Parity with torch found in review (2026-12-07): integer-like dims, ignore_index with probabilities, a weight
+# that requires grad, logsumexp over several dims with an empty kept dim, complex logsumexp.
+def test_dim_takes_integer_likes_but_not_bool():
+    np = pytest.importorskip("numpy")
+    for d in (np.int64(1), np.int32(-1), torch.tensor(1)):
+        assert torch.equal(logitkit.softmax(X, d), logitkit.softmax(X, 1))
+        assert torch.equal(logitkit.logsumexp(X, d), logitkit.logsumexp(X, 1))
+    for bad in (True, 1.0, "1"):
+        with pytest.raises(TypeError):
+            logitkit.softmax(X, bad)
+
+
+def test_ignore_index_with_probabilities():
+    p = torch.softmax(torch.randn(4, 5), 1)
+    for ii in (-100, -1):  # torch accepts negative ones (nothing to ignore)
+        assert torch.equal(logitkit.cross_entropy(X, p, ignore_index=ii), logitkit.cross_entropy(X, p))
+    raises_naming("ignore_index", lambda: logitkit.cross_entropy(X, p, ignore_index=0))
+
+
+def test_weight_requiring_grad_is_refused_as_torch():
+    w = torch.rand(5, requires_grad=True)
+    raises_naming("weight", lambda: logitkit.cross_entropy(X, T, weight=w))
+    with pytest.raises(RuntimeError):
+        torch.nn.functional.cross_entropy(X, T, weight=w)
+    with torch.no_grad():  # as torch: no graph, no complaint
+        want = torch.nn.functional.cross_entropy(X.double(), T, weight=w.double())
+        assert abs(logitkit.cross_entropy(X, T, weight=w).item() - want.item()) < 1e-6
+
+
+def test_logsumexp_several_dims_empty_kept_dim():
+    x = torch.randn(0, 3, 4)
+    for keepdim in (False, True):
+        got, want = logitkit.logsumexp(x, (1, 2), keepdim), torch.logsumexp(x, (1, 2), keepdim)
+        assert got.shape == want.shape and got.dtype == want.dtype
+
+
+def test_logsumexp_complex_as_torch():
+    z = torch.tensor([[1 + 1j, 2 - 1j]])
+    assert torch.equal(logitkit.logsumexp(z, 1), torch.logsumexp(z, 1))
+    with pytest.raises(TypeError):
+        logitkit.logsumexp(z, 1, mask=torch.ones(1, 2, dtype=torch.bool))

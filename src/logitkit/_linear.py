@@ -5,6 +5,7 @@ Kept apart from functional.py so the two files stay small; functional re-exports
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import NamedTuple
 
@@ -62,6 +63,7 @@ def _run(input, linear_weight, target, linear_bias, weight, reduction, ignore_in
     z = check.nonneg_float("z_loss", z_loss)
     cap = check.softcap(softcap)
     w = check.class_weight(weight, V, x)
+    check.weight_without_grad(w, "linear_cross_entropy")
     lead = tuple(x.shape[:-1])
     logits_shape = (*lead, V, *out_features)
     prob = target.dtype.is_floating_point
@@ -102,11 +104,11 @@ def _run(input, linear_weight, target, linear_bias, weight, reduction, ignore_in
         requested = getattr(options, "batch_chunk_size", None)
         if getattr(options, "acc_policy", "auto") != "auto" or getattr(options, "acc_dtype", None) is not None:
             warnings.warn(
-                "logitkit.linear_cross_entropy always accumulates in float32; options.acc_policy and "
+                "logitkit.linear_cross_entropy accumulates in float32 (float64 for float64 inputs); options.acc_policy and "
                 "options.acc_dtype do not apply (only options.batch_chunk_size is used)",
                 stacklevel=3,
             )
-    M = x.numel() // max(D, 1)
+    M = math.prod(x.shape[:-1])  # not numel // D: D may be 0
     x2 = x.reshape(M, D)
     t2 = target.reshape(M, V) if prob else target.reshape(M).long()
     use_triton = _config.wants_triton(x.device.type) and x.dtype != torch.float64

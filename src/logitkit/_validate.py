@@ -7,6 +7,7 @@ and a bad target surfaces as a device-side error at the next synchronisation (do
 
 from __future__ import annotations
 
+import operator
 import warnings
 
 import torch
@@ -38,9 +39,15 @@ def float_input(name: str, x: Tensor, dtype: torch.dtype | None) -> Tensor:
 
 
 def dim(d: object, ndim: int, name: str = "dim") -> int:
-    """Normalise a dimension index like torch (0-d tensors accept 0 and -1)."""
-    if isinstance(d, bool) or not isinstance(d, int):
+    """Normalise a dimension index like torch (0-d tensors accept 0 and -1); any integer with ``__index__``
+    (NumPy integers, a one-element integer tensor) counts, as for torch, but not bool."""
+    if isinstance(d, bool):
         raise TypeError(f"{name} must be an int, got {type(d).__name__}")
+    if not isinstance(d, int):
+        try:
+            d = operator.index(d)
+        except TypeError:
+            raise TypeError(f"{name} must be an int, got {type(d).__name__}") from None
     n = max(ndim, 1)
     if not -n <= d < n:
         raise IndexError(f"Dimension out of range (expected to be in range of [{-n}, {n - 1}], but got {d})")
@@ -185,6 +192,21 @@ def target_range(target: Tensor, C: int, ignore_index: int) -> None:
             )
     else:
         torch._assert_async(~bad.any(), f"target out of bounds: expected class indices in [0, {C}) or ignore_index")
+
+
+def no_ignore_index_for_probs(ignore_index: int) -> None:
+    """torch refuses a class to ignore (ignore_index >= 0) with class-probability targets."""
+    if ignore_index >= 0:
+        raise ValueError(f"ignore_index is not supported for class-probability (floating-point) targets, got "
+                         f"ignore_index={ignore_index}; leave it negative (default -100)")
+
+
+def weight_without_grad(weight: Tensor | None, fn: str) -> None:
+    """torch's losses are not differentiable in ``weight``: refuse one that requires grad (where grad is on)
+    rather than return no gradient for it."""
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{fn} is not differentiable with respect to weight (as torch): pass weight.detach(), or "
+                         f"call it under torch.no_grad()")
 
 
 def prob_target(x: Tensor, target: Tensor) -> None:

@@ -5,6 +5,7 @@ Each function validates (``_validate``), picks the backend (``_config``) and cal
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -71,6 +72,10 @@ def logsumexp(input: Tensor, dim, keepdim: bool = False, *, mask: Tensor | None 
     default float dtype, as torch does.
     """
     check.tensor("input", input)
+    if input.is_complex():  # torch's complex logsumexp (the rest-sum scheme is for real logits)
+        if mask is not None:
+            raise TypeError("logsumexp with mask= needs a real floating-point input, got a complex one")
+        return torch.logsumexp(input, dim, keepdim)
     x = input if input.dtype.is_floating_point else input.to(torch.get_default_dtype())
     dims = check.dims(dim, x.dim()) if not (isinstance(dim, (tuple, list)) and len(dim) == 0) else tuple(
         range(x.dim())
@@ -87,7 +92,7 @@ def logsumexp(input: Tensor, dim, keepdim: bool = False, *, mask: Tensor | None 
     # Several dims: move them last and flatten them into one reduced dimension.
     kept = [i for i in range(x.dim()) if i not in dims]
     perm = kept + list(dims)
-    xr = x.permute(perm).reshape(*[x.shape[i] for i in kept], -1)
+    xr = x.permute(perm).reshape(*[x.shape[i] for i in kept], math.prod([x.shape[i] for i in dims]))
     mr = None if m is None else m.permute(perm).reshape(xr.shape)
     out = LogsumexpFunction.apply(xr, xr.dim() - 1, mr, use_triton).squeeze(-1)
     if keepdim:
@@ -129,8 +134,10 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
         raise ValueError("input must have at least one class (C >= 1)")
     use_triton = _config.wants_triton(x.device.type)
     xv = x.movedim(cdim, -1)
+    check.weight_without_grad(w, "cross_entropy")
     if target.dtype.is_floating_point:
         check.prob_target(x, target)
+        check.no_ignore_index_for_probs(ignore_index)
         return CrossEntropyProbFunction.apply(xv, target.movedim(cdim, -1), w, red, eps, z, cap, use_triton,
                                               inplace_backward, with_entropy)
     check.integer_target(target)

@@ -488,9 +488,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if ctx.fused and ctx.grads is not None:
             # Gradients were formed in forward with unit upstream gradient; scale on the device.
             dx, dW, db = ctx.grads
-            scale = g if o.reduction == "sum" else g / denom
-            # An all-ignored batch has denom 0 and all-zero gradients: keep them 0, not NaN.
-            scale = torch.where(torch.isfinite(scale), scale, torch.zeros_like(scale))
+            scale = g
+            if o.reduction != "sum":
+                # An all-ignored batch has denom 0 and all-zero gradients: keep them 0, not NaN.  Only there: a
+                # NaN or inf upstream g still propagates, as torch.
+                scale = torch.where(denom == 0, torch.zeros_like(g), g / denom)
             out = (
                 dx.mul_(scale.to(dx.dtype)) if dx is not None else None,
                 dW.mul_(scale).to(W.dtype) if dW is not None else None,

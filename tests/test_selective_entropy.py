@@ -84,3 +84,16 @@ def test_entropy_gradcheck_and_backward(backend, dim):
     ours = grad(lambda t: logitkit.entropy(t), x32, g32)
     scale = oracle.softmax(x32, -1) * (1 - oracle.log_softmax(x32, -1)).abs() * g32.double().abs()[:, None] * 4
     assert oracle.scaled_error(ours, truth, scale, F32).max() <= 64
+
+
+def test_entropy_of_special_rows_is_nan_on_the_reference_path():
+    # NUMERICS.md: a row holding NaN or +inf is a NaN row, and so is an all -inf row without mask= (as torch's
+    # softmax); the reference path's 0 * log 0 = 0 rule must not swallow them (it returned -0.0 before 2026-12-07).
+    import math
+
+    x = torch.tensor([[0.0, math.nan, 1.0], [0.0, math.inf, 1.0], [-math.inf] * 3, [0.0, -math.inf, 1.0]])
+    with logitkit.use_backend("reference"):
+        h = logitkit.entropy(x)
+        stats = logitkit.cross_entropy_with_stats(x[[0, 3]], torch.tensor([0, 2]), reduction="none")
+    assert torch.isnan(h[:3]).all() and torch.isfinite(h[3])
+    assert torch.isnan(stats.entropy[0]) and torch.isfinite(stats.entropy[1])

@@ -340,9 +340,10 @@ def selective_grad(xv: Tensor, index: Tensor, g: Tensor, out_dtype: torch.dtype)
 
 
 def _plogp(y: Tensor) -> tuple[Tensor, Tensor]:
-    """(p, p * log p) with 0 * -inf = 0 for -inf logits (they contribute nothing)."""
+    """(p, p * log p) with 0 * -inf = 0 for -inf logits (they contribute nothing); a NaN (a row with NaN or +inf,
+    NUMERICS.md) stays NaN."""
     p = torch.exp(y)
-    return p, torch.where(p > 0, p * y, torch.zeros_like(p))
+    return p, torch.where((p > 0) | (y != y), p * y, torch.zeros_like(p))
 
 
 @torch.no_grad()

@@ -76,6 +76,19 @@ def cases(quick: bool = False, ns=None, dtypes=None) -> list[tuple[str, int, str
     return [(d, n, layout) for n in order for d in names for layout in ("last", "non-last")]
 
 
+def _add_row(row: dict, x, ms_f: float, ms_b: float, payload: dict, on_row) -> None:
+    """TB/s from ideal bytes (forward reads x and writes y: 2 passes; forward+backward adds read y, read dy,
+    write dx: 5) and as a fraction of the run's copy; the row is printed and the JSON rewritten."""
+    nbytes = x.numel() * x.element_size()
+    copy_tbs = payload["copy_tbs"]
+    row.update(fwd_ms=ms_f, fwdbwd_ms=ms_b, fwd_tbs=2 * nbytes / ms_f / 1e9, fwdbwd_tbs=5 * nbytes / ms_b / 1e9)
+    row.update(fwd_frac=row["fwd_tbs"] / copy_tbs, fwdbwd_frac=row["fwdbwd_tbs"] / copy_tbs)
+    payload["rows"].append(row)
+    print(json.dumps(row), flush=True)
+    if on_row is not None:
+        on_row(payload)
+
+
 def run(quick: bool = False, budget_s: float | None = None, on_row=None, ns=None, dtypes=None) -> dict:
     """The grid (or its ``ns`` x ``dtypes`` part); cases start while ``budget_s`` lasts; ``on_row(payload)`` after
     every row (the CLI rewrites its JSON there, so a killed run still leaves what it measured)."""
@@ -102,16 +115,7 @@ def run(quick: bool = False, budget_s: float | None = None, on_row=None, ns=None
                     row["error"] = repr(exc)[:200]
                     rows.append(row)
                     continue
-                # ideal bytes: forward reads x and writes y (2 passes); forward+backward adds read y, read dy,
-                # write dx (5 passes in all)
-                nbytes = x.numel() * x.element_size()
-                row.update(fwd_ms=ms_f, fwdbwd_ms=ms_b,
-                           fwd_tbs=2 * nbytes / ms_f / 1e9, fwdbwd_tbs=5 * nbytes / ms_b / 1e9)
-                row.update(fwd_frac=row["fwd_tbs"] / copy_tbs, fwdbwd_frac=row["fwdbwd_tbs"] / copy_tbs)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                if on_row is not None:
-                    on_row(payload)
+                _add_row(row, x, ms_f, ms_b, payload, on_row)
         del x
     payload["truncated"] = deadline.truncation(todo)
     return payload
@@ -150,15 +154,14 @@ def run_resident(budget_s: float | None = None, on_row=None, *, device: str = "c
                 row = dict(dtype=dname, N=N, M=M, layout=layout, op=op, provider=name)
                 try:
                     with _tuning.force_softmax(regime):
-                        R = x.numel() // N
-                        cfg = _tuning.softmax_config(R, N, x.element_size(), dim == 0, x.device,
-                                                     vector_rows=dim == 1 or M % 16 == 0)
+                        R, _, K = kernels._geometry(x, dim)
+                        cfg = kernels._config(R, N, K, *kernels._pnk(x, dim))  # the launchers' own choice
                         row["config"] = cfg._asdict()
 
-                        def fwd():
+                        def fwd(x=x, dim=dim, log=log, y=y):
                             kernels.softmax_fwd_out(x, dim, log=log, out=y)
 
-                        def fwdbwd():
+                        def fwdbwd(x=x, dim=dim, log=log, y=y, dy=dy, dx=dx):
                             kernels.softmax_fwd_out(x, dim, log=log, out=y)
                             kernels.softmax_bwd_out(y, dy, dim, log=log, out=dx)
 
@@ -171,14 +174,7 @@ def run_resident(budget_s: float | None = None, on_row=None, *, device: str = "c
                     row["error"] = repr(exc)[:200]
                     rows.append(row)
                     continue
-                nbytes = x.numel() * x.element_size()
-                row.update(fwd_ms=ms_f, fwdbwd_ms=ms_b,
-                           fwd_tbs=2 * nbytes / ms_f / 1e9, fwdbwd_tbs=5 * nbytes / ms_b / 1e9)
-                row.update(fwd_frac=row["fwd_tbs"] / copy_tbs, fwdbwd_frac=row["fwdbwd_tbs"] / copy_tbs)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                if on_row is not None:
-                    on_row(payload)
+                _add_row(row, x, ms_f, ms_b, payload, on_row)
         del x, dy, y, dx
     payload["truncated"] = deadline.truncation(todo)
     return payload

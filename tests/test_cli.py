@@ -214,6 +214,7 @@ def test_gpu_softmax_resident_comparison_smoke(monkeypatch):
     # 64-long row is a group of 4 / 2 programs; the resident rows must equal the default's to within rounding.
     pytest.importorskip("triton")
     from benchmarks import gpu_softmax
+
     from logitkit.triton import _tuning
 
     monkeypatch.setattr(_tuning, "SOFTMAX_ROW_TILE", {2: 32, 4: 16, 8: 8})

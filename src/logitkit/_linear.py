@@ -104,8 +104,8 @@ def _run(input, linear_weight, target, linear_bias, weight, reduction, ignore_in
         requested = getattr(options, "batch_chunk_size", None)
         if getattr(options, "acc_policy", "auto") != "auto" or getattr(options, "acc_dtype", None) is not None:
             warnings.warn(
-                "logitkit.linear_cross_entropy accumulates in float32 (float64 for float64 inputs); options.acc_policy and "
-                "options.acc_dtype do not apply (only options.batch_chunk_size is used)",
+                "logitkit.linear_cross_entropy accumulates in float32 (float64 for float64 inputs); "
+                "options.acc_policy and options.acc_dtype do not apply (only options.batch_chunk_size is used)",
                 stacklevel=3,
             )
     M = math.prod(x.shape[:-1])  # not numel // D: D may be 0

@@ -42,8 +42,8 @@ def _check_num_warps(num_warps: int | None) -> None:
 #            alike).  The barrier needs the whole group resident at once: one program per SM is always
 #            possible, so a group has at most half the SM count (66 on an H100, room for a second such launch
 #            on another stream; RESIDENT_MAX_GROUP caps it too): 1M bf16 / 512k fp32 contiguous, 64k bf16 /
-#            32k fp32 strided (16-row tiles).  A longer row takes "loop" / "split".  Not the default (SOFTMAX_RESIDENT_AUTO) until an H100 shows it
-#            beating "loop" / "split" (which read the row twice) and never hanging: force_softmax("resident"),
+#            32k fp32 strided (16-row tiles).  A longer row takes "loop" / "split".  Not the default
+#            (SOFTMAX_RESIDENT_AUTO) until an H100 shows it beating "loop" / "split" (which read the row twice) and never hanging: force_softmax("resident"),
 #            benchmarks/tune.py and gpu_round.sh's "resident" phase measure it.
 
 SOFTMAX_REGIMES = ("row", "loop", "split", "resident")

@@ -43,8 +43,9 @@ def _check_num_warps(num_warps: int | None) -> None:
 #            possible, so a group has at most half the SM count (66 on an H100, room for a second such launch
 #            on another stream; RESIDENT_MAX_GROUP caps it too): 1M bf16 / 512k fp32 contiguous, 64k bf16 /
 #            32k fp32 strided (16-row tiles).  A longer row takes "loop" / "split".  Not the default
-#            (SOFTMAX_RESIDENT_AUTO) until an H100 shows it beating "loop" / "split" (which read the row twice) and never hanging: force_softmax("resident"),
-#            benchmarks/tune.py and gpu_round.sh's "resident" phase measure it.
+#            (SOFTMAX_RESIDENT_AUTO) until an H100 shows it beating "loop" / "split" (which read the row
+#            twice) and never hanging: force_softmax("resident") takes it, and gpu_round.sh's "resident"
+#            phase (benchmarks/gpu_softmax.py --resident) measures it; benchmarks/tune.py does not try it yet.
 
 SOFTMAX_REGIMES = ("row", "loop", "split", "resident")
 # Take "resident" by default where a row does not fit one program's tile and its group fits the device.

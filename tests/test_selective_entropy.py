@@ -97,3 +97,23 @@ def test_entropy_of_special_rows_is_nan_on_the_reference_path():
         stats = logitkit.cross_entropy_with_stats(x[[0, 3]], torch.tensor([0, 2]), reduction="none")
     assert torch.isnan(h[:3]).all() and torch.isfinite(h[3])
     assert torch.isnan(stats.entropy[0]) and torch.isfinite(stats.entropy[1])
+
+
+# Empty inputs on every backend (the Triton path crashed on 0 rows / 0 columns with a reshape error before
+# 2026-12-07): the result has the broadcast shape, the gradient the input's shape, and an empty row's entropy
+# is 0 (the sum over no classes), as the reference path and torch.special.entr(softmax(x)).sum(-1).
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_empty_inputs(backend, dtype):
+    for shape, ishape in [((0, 5), (0, 2)), ((2, 0, 5), (2, 0, 3)), ((3, 5), (3, 0))]:
+        x = torch.randn(shape, dtype=dtype, requires_grad=True)
+        out = logitkit.selective_log_softmax(x, torch.zeros(ishape, dtype=torch.long))
+        assert out.shape == ishape and out.dtype == dtype
+        out.sum().backward()
+        assert x.grad.shape == x.shape and not x.grad.any()
+    for shape in [(0, 4), (3, 0), (2, 0, 4), (2, 3, 0)]:
+        x = torch.randn(shape, dtype=dtype, requires_grad=True)
+        h = logitkit.entropy(x)
+        assert h.shape == shape[:-1] and h.dtype == F32
+        assert torch.equal(h, torch.zeros(shape[:-1]))
+        h.sum().backward()
+        assert x.grad.shape == x.shape

@@ -145,3 +145,39 @@ def test_cross_entropy_edge_rows(backend):
     )
     p = torch.tensor([[0.5, 0.0, 0.5], [0.0, 0.5, 0.5]])
     same_specials(logitkit.cross_entropy(x, p, reduction="none"), F.cross_entropy(x, p, reduction="none"))
+
+
+# create_graph=True (the differentiable backward) must give the first backward's values on the special rows:
+# before 2026-12-07 logsumexp gave a NaN row for a +inf entry (torch: 0 off the infinities) and 0 for an all -inf
+# row (torch: NaN), and entropy gave NaN on a row with a -inf logit (0 * -inf through its 0 log 0 = 0 rule).
+# Rows: all -inf, -inf among finite, +inf, NaN, finite; the masks leave out an entry, a NaN, and a whole row.
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_create_graph_keeps_first_derivative_on_special_rows(backend, dtype):
+    x0 = torch.tensor([[-inf] * 4, [0.0, 1.0, -inf, 2.0], [0.0, inf, 1.0, 2.0], [0.0, nan, 1.0, 2.0],
+                       [3.0, 1.0, 2.0, 0.0]], dtype=dtype)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 1, 1], [0, 0, 0, 0]], dtype=torch.bool)
+    tgt = torch.tensor([0, 1, 2, 0, 3])
+    probs = torch.softmax(torch.arange(20.0, dtype=F64).view(5, 4).flip(0), -1).to(dtype)
+    ops = {
+        "softmax": lambda t: logitkit.softmax(t, -1), "log_softmax": lambda t: logitkit.log_softmax(t, -1),
+        "logsumexp": lambda t: logitkit.logsumexp(t, -1),
+        "softmax_mask": lambda t: logitkit.softmax(t, -1, mask=mask),
+        "log_softmax_mask": lambda t: logitkit.log_softmax(t, -1, mask=mask),
+        "logsumexp_mask": lambda t: logitkit.logsumexp(t, -1, mask=mask),
+        "cross_entropy": lambda t: logitkit.cross_entropy(t, tgt, reduction="none", label_smoothing=0.1),
+        "cross_entropy_probs": lambda t: logitkit.cross_entropy(t, probs, reduction="none"),
+        "entropy": lambda t: logitkit.entropy(t),
+        "selective_log_softmax": lambda t: logitkit.selective_log_softmax(t, tgt[:, None]),
+    }
+    torch_ops = {"softmax": lambda t: F.softmax(t, -1), "log_softmax": lambda t: F.log_softmax(t, -1),
+                 "logsumexp": lambda t: torch.logsumexp(t, -1)}
+    for name, fn in ops.items():
+        firsts = []
+        for f, create_graph in [(fn, False), (fn, True)] + ([(torch_ops[name], False)] if name in torch_ops else []):
+            x = x0.clone().requires_grad_()
+            y = f(x)
+            g = torch.linspace(0.5, 1.5, y.numel(), dtype=y.dtype).view(y.shape)
+            (gx,) = torch.autograd.grad(y, x, g, create_graph=create_graph)
+            firsts.append(gx.detach())
+        for other in firsts[1:]:  # the create_graph gradient, then torch's (same special-value pattern)
+            same_specials(other, firsts[0], grads=True, dtype=dtype)

@@ -392,7 +392,9 @@ class EntropyFunction(torch.autograd.Function):
             with torch.enable_grad():
                 logp, _ = _log_softmax(xv, None)
                 p = torch.exp(logp)
-                h = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+                # 0 log 0 = 0 with a finite factor on both sides: where(p > 0, p * logp, 0) would send 0 * -inf
+                # = NaN back through the product at -inf logits. A NaN row keeps p NaN, so h stays NaN.
+                h = -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1)
                 (dx,) = torch.autograd.grad(h, xv, g.to(h.dtype), create_graph=True)
             return dx, None
         return ref.entropy_grad(xv, g, xv.dtype), None

@@ -9,6 +9,8 @@ torch ops on the saved tensors; otherwise the row-blocked reference code or the 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -87,10 +89,13 @@ class LogsumexpFunction(torch.autograd.Function):
         x, lse_w, mask = ctx.saved_tensors
         dim = ctx.dim
         if torch.is_grad_enabled():
-            # d lse / dx = softmax(x): differentiable again through SoftmaxFunction.
+            # d lse / dx = softmax(x): differentiable again through SoftmaxFunction. Its special rows are the
+            # first backward's: an all -inf row gives NaN without mask= (torch's exp(x - lse) = exp(-inf + inf)),
+            # 0 with mask= (no mass), so create_graph=True does not change the gradient's value.
             p = SoftmaxFunction.apply(x, dim, mask, False, ctx.use_triton)
-            # An all -inf row has no mass: gradient 0, as torch (its softmax is NaN by default).
-            p = torch.where(torch.isneginf(lse_w), torch.zeros_like(p), p)
+            # A +inf in the row (lse +inf): torch's exp(x - inf), 0 off the infinities, where softmax is a NaN row.
+            xm = x if mask is None else x.masked_fill(~mask, -math.inf)
+            p = torch.where(torch.isposinf(lse_w), torch.exp(xm.to(p.dtype) - math.inf), p)
             return (g * p).to(x.dtype), None, None, None
         if ctx.use_triton:
             return _triton().logsumexp_bwd(x, lse_w, g, dim, mask=mask), None, None, None

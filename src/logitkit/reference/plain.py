@@ -546,5 +546,8 @@ def lse_bwd(xv: Tensor, lse: Tensor, g: Tensor, mv: Tensor | None, dx: Tensor) -
     for sl, x2, m2 in _blocks(xv, mv):
         s = row_stats(x2, m2, masked, ws)
         p = softmax_from(s)
+        # As the fast path: a +inf in the row gives torch's exp(x - inf), 0 off the infinities, not a NaN row.
+        _repair(torch.isposinf(lse[sl].reshape(-1, 1)), _masked(x2, m2), p,
+                lambda rows, wd=p.dtype: torch.exp(rows.to(wd) - math.inf))
         _store(dx[sl], p.mul_(g[sl].reshape(-1, 1).to(p.dtype)))
     return dx

@@ -19,9 +19,13 @@ Numerics: fp32 working precision (no float64 on the GPU); for fp32 (or softcappe
           as hi + lo (TwoSum) and exp(d) = exp(hi) (1 + lo).  The rest sum is carried scaled, R = 2**64 r, its
           terms 2**64 exp(d) formed accurately also where exp(d) is subnormal (_lib.exp_scaled), so a confident
           row's loss (= r) keeps its bits down to 2**-149; p = 2**64 exp(d) / (2**64 + R), a true division
-          rounded once.  L - d_t and d - L are formed with TwoSum and rounded once.  The target gradient
-          p_t - 1 is -r / (1 + r) when x_t is a maximum (exact, never softmax_t - 1, which cancels) and p - 1
-          otherwise (p_t <= 1/2 there: no cancellation); row offsets in int64 (M * V may exceed 2**31).
+          rounded once.  A looped row merges its blocks' states with compensation (_lib.merge_state_comp)
+          and sums its per-block sum p d / sum w d / sum wy with TwoSum, so it rounds about once however many
+          blocks it has; sum p d is formed scaled, as sum 2**64 exp(d) d / (2**64 + R), so rows whose p are
+          subnormal keep an accurate entropy.  L - d_t and d - L are formed with TwoSum and rounded once.
+          The target gradient p_t - 1 is -r / (1 + r) when x_t is a maximum (exact, never softmax_t - 1,
+          which cancels) and p - 1 otherwise (p_t <= 1/2 there: no cancellation); row offsets in int64
+          (M * V may exceed 2**31).
           exp / log1p / tanh / division come from _lib.py: libdevice on CUDA (tl.exp is ex2.approx after a
           rounded multiply, |x| ulps off), float64 NumPy in the interpreter (NumPy's float32 exp is 2.3 ulp off).
 Special:  a row with NaN or +-inf maximum gets L = NaN (loss and gradient NaN, lse = the infinite max), as the
@@ -48,11 +52,13 @@ from ._lib import (
     div_rn,
     exp_scaled,
     log1p_acc,
+    merge_state_comp,
     merge_state_scaled,
     round_to,
     tanh_acc,
     to_f32,
     two_diff,
+    two_sum,
 )
 
 # ---------------------------------------------------------------------------------------------------------
@@ -99,8 +105,39 @@ def _shift(x, a, EXACT: tl.constexpr):
 def _prob(hi, lo, R, L):
     """p = exp(d) / (1 + r) as 2**64 exp(d) / (2**64 + R): a true division of normal numbers, rounded once
     (also where p is subnormal); NaN on rows whose L is NaN."""
-    p = div_rn(exp_scaled(hi, lo), TWO_64 + R)
-    return tl.where(L == L, p, float("nan"))
+    p, _ = _prob_scaled(hi, lo, R, L)
+    return p
+
+
+@triton.jit
+def _prob_scaled(hi, lo, R, L):
+    """(p, e = 2**64 exp(d)): e keeps the bits p loses where p is subnormal (sum p d is formed from it)."""
+    e = exp_scaled(hi, lo)
+    p = div_rn(e, TWO_64 + R)
+    return tl.where(L == L, p, float("nan")), e
+
+
+@triton.jit
+def _pd_sum(e, d):
+    """sum e d = 2**64 sum exp(d) d of a block (<= 0): scaled, so terms whose p is subnormal keep their bits
+    (an entropy of 1e-36 came out 4000 eps off from p d rounded to multiples of 2**-149); e = 0 at -inf logits,
+    where e d would be NaN."""
+    return tl.sum(tl.where(e > 0.0, e * d, 0.0), axis=0)
+
+
+@triton.jit
+def _pd_finish(spd, R):
+    """sum p d from the scaled sum: one division by 2**64 + R (p's own denominator), rounded once."""
+    return div_rn(spd, TWO_64 + R)
+
+
+@triton.jit
+def _acc(s, c, b):
+    """Compensated running sum (s + c) += b over a row's blocks: each addition's rounding error goes into c
+    (TwoSum), so 64 blocks round once instead of 64 times. An infinite sum (sum w d at a -inf logit) keeps c:
+    TwoSum's error term is NaN there (inf - inf), and the total is the infinity anyway."""
+    t, e = two_sum(s, b)
+    return t, c + tl.where(tl.abs(t) < float("inf"), e, 0.0)
 
 
 @triton.jit
@@ -138,16 +175,25 @@ def _finish(a, R):
 
 
 @triton.jit
+def _merge_comp(a, R, C, m, Rm):
+    """_merge on a compensated state (a, R + C): the merge's roundings go into C (_lib.merge_state_comp), so
+    a row of many blocks rounds its rest sum about once (before: once per block, 7.5 ulps of fp32 lse at 513
+    blocks)."""
+    return merge_state_comp(a, R, C, m, Rm, 0.0, True)
+
+
+@triton.jit
 def _row_stats(x_row, V, cap, BLOCK_V: tl.constexpr, HAS_CAP: tl.constexpr, EXACT: tl.constexpr):
-    """Online (max, scaled rest) over a whole row, BLOCK_V entries at a time."""
+    """Online (max, scaled rest) over a whole row, BLOCK_V entries at a time, the rest sum compensated."""
     a = float("-inf")
     R = 0.0
+    C = 0.0
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         x = _load_row_block(x_row, cols, cols < V, cap, HAS_CAP)
         m, Rm = _block_state(x, EXACT)
-        a, R = _merge(a, R, m, Rm)
-    return a, R
+        a, R, C = _merge_comp(a, R, C, m, Rm)
+    return a, R + C
 
 
 @triton.jit
@@ -178,16 +224,16 @@ def _row_coeffs(w_t, W, valid, eps, V, z, lse, HAS_EPS: tl.constexpr, HAS_Z: tl.
 @triton.jit
 def _ce_block(x, cols, mask, t, valid, a_ref, r, L, w_ptr, c1, hard, eps_over_v, cap,
               HAS_W: tl.constexpr, HAS_EPS: tl.constexpr, HAS_CAP: tl.constexpr, EXACT: tl.constexpr):
-    """One block's (unscaled gradient, sum w d, sum p d) given the row's final (a, r, L)."""
+    """One block's (unscaled gradient, sum w d, 2**64 sum p d (1 + r)) given the row's final (a, r, L)."""
     hi, lo = _shift(x, a_ref, EXACT)
-    p = _prob(hi, lo, r, L)
+    p, e = _prob_scaled(hi, lo, r, L)
     d = hi + lo
     if HAS_W:
         w = to_f32(tl.load(w_ptr + cols, mask=mask, other=0.0))
     else:
         w = tl.where(mask, 1.0, 0.0)
     swd = tl.sum(tl.where(mask, w * d, 0.0), axis=0)
-    spd = tl.sum(tl.where(p > 0.0, p * d, 0.0), axis=0)  # -inf logits: p = 0 and p * d would be NaN
+    spd = _pd_sum(e, d)
     g = c1 * p
     if HAS_EPS:
         g = g - eps_over_v * w
@@ -260,6 +306,8 @@ def _ce_fwd_kernel(
 
     swd = 0.0
     spd = 0.0
+    swd_c = 0.0
+    spd_c = 0.0
     if SINGLE:
         g, swd, spd = _ce_block(x, cols, mask, t, valid, a_ref, r, L, w_ptr, c1, hard, eps_over_v, cap,
                                 HAS_W, HAS_EPS, HAS_CAP, EXACT)
@@ -274,10 +322,12 @@ def _ce_fwd_kernel(
             x = _load_row_block(x_row, cols, mask, cap, HAS_CAP)
             g, swd_b, spd_b = _ce_block(x, cols, mask, t, valid, a_ref, r, L, w_ptr, c1, hard, eps_over_v,
                                         cap, HAS_W, HAS_EPS, HAS_CAP, EXACT)
-            swd += swd_b
-            spd += spd_b
+            swd, swd_c = _acc(swd, swd_c, swd_b)
+            spd, spd_c = _acc(spd, spd_c, spd_b)
             if WRITE_GRAD:
                 tl.store(dx_ptr + row * stride_dx_m + cols, round_to(g * s, dx_ptr.dtype.element_ty), mask=mask)
+        swd = swd + swd_c
+        spd = spd + spd_c
 
     if WRITE_LOSS:
         # d_t = x_t - a as hi + lo: L - d_t is a sum of two non-negative terms, rounded once
@@ -293,7 +343,7 @@ def _ce_fwd_kernel(
         tl.store(loss_ptr + row, loss)
         tl.store(lse_ptr + row, lse)
         if HAS_ENT:
-            tl.store(ent_ptr + row, L - spd)  # H = L - sum p d, both >= 0
+            tl.store(ent_ptr + row, L - _pd_finish(spd, r))  # H = L - sum p d, both >= 0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -314,11 +364,11 @@ def _ce_prob_wy(y_row, w_ptr, cols, mask, eps, V, HAS_W: tl.constexpr, HAS_EPS: 
 @triton.jit
 def _ce_prob_block(x, wy, mask, a_ref, r, L, c1, cap, HAS_CAP: tl.constexpr, EXACT: tl.constexpr):
     hi, lo = _shift(x, a_ref, EXACT)
-    p = _prob(hi, lo, r, L)
+    p, e = _prob_scaled(hi, lo, r, L)
     d = hi + lo
     # padding lanes count 0; a real -inf logit with probability 0 gives 0 * -inf = NaN, as torch
     swyd = tl.sum(tl.where(mask, wy * d, 0.0), axis=0)
-    spd = tl.sum(tl.where(p > 0.0, p * d, 0.0), axis=0)
+    spd = _pd_sum(e, d)
     g = c1 * p - wy
     if HAS_CAP:
         q = div_rn(x, cap)
@@ -354,14 +404,19 @@ def _ce_prob_fwd_kernel(
     else:
         a = float("-inf")
         r = 0.0
+        r_c = 0.0
         swy = 0.0
+        swy_c = 0.0
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             mask = cols < V
             xb = _load_row_block(x_row, cols, mask, cap, HAS_CAP)
             m, rest = _block_state(xb, EXACT)
-            a, r = _merge(a, r, m, rest)
-            swy += tl.sum(_ce_prob_wy(y_row, w_ptr, cols, mask, eps, V, HAS_W, HAS_EPS), axis=0)
+            a, r, r_c = _merge_comp(a, r, r_c, m, rest)
+            swy, swy_c = _acc(swy, swy_c, tl.sum(_ce_prob_wy(y_row, w_ptr, cols, mask, eps, V, HAS_W, HAS_EPS),
+                                                   axis=0))
+        r = r + r_c
+        swy = swy + swy_c
     a_ref, L, lse = _finish(a, r)
     c1 = swy
     if HAS_Z:
@@ -379,16 +434,20 @@ def _ce_prob_fwd_kernel(
     else:
         swyd = 0.0
         spd = 0.0
+        swyd_c = 0.0
+        spd_c = 0.0
         for start in range(0, V, BLOCK_V):  # the second read: last block first when REVERSE
             cols = chunk_start(0, V, start, BLOCK_V, REVERSE) + tl.arange(0, BLOCK_V)
             mask = cols < V
             xb = _load_row_block(x_row, cols, mask, cap, HAS_CAP)
             wyb = _ce_prob_wy(y_row, w_ptr, cols, mask, eps, V, HAS_W, HAS_EPS)
             g, swyd_b, spd_b = _ce_prob_block(xb, wyb, mask, a_ref, r, L, c1, cap, HAS_CAP, EXACT)
-            swyd += swyd_b
-            spd += spd_b
+            swyd, swyd_c = _acc(swyd, swyd_c, swyd_b)
+            spd, spd_c = _acc(spd, spd_c, spd_b)
             if WRITE_GRAD:
                 tl.store(dx_ptr + row * stride_dx_m + cols, round_to(g * s, dx_ptr.dtype.element_ty), mask=mask)
+        swyd = swyd + swyd_c
+        spd = spd + spd_c
     if WRITE_LOSS:
         # sum_j wy_j (L - d_j) = L sum(wy) - sum(wy d): both terms >= 0 for wy >= 0
         loss = L * swy - swyd
@@ -397,7 +456,7 @@ def _ce_prob_fwd_kernel(
         tl.store(loss_ptr + row, loss)
         tl.store(lse_ptr + row, lse)
         if HAS_ENT:
-            tl.store(ent_ptr + row, L - spd)
+            tl.store(ent_ptr + row, L - _pd_finish(spd, r))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -477,19 +536,22 @@ def _entropy_fwd_kernel(
         a, r = _block_state(x, EXACT)
         a_ref, L, lse = _finish(a, r)
         hi, lo = _shift(x, a_ref, EXACT)
-        p = _prob(hi, lo, r, L)
-        spd = tl.sum(tl.where(p > 0.0, p * (hi + lo), 0.0), axis=0)
+        _, e = _prob_scaled(hi, lo, r, L)
+        spd = _pd_sum(e, hi + lo)
     else:
         a, r = _row_stats(x_row, V, 1.0, BLOCK_V, False, EXACT)
         a_ref, L, lse = _finish(a, r)
         spd = 0.0
+        spd_c = 0.0
         for start in range(0, V, BLOCK_V):  # the second read: last block first when REVERSE
             cols = chunk_start(0, V, start, BLOCK_V, REVERSE) + tl.arange(0, BLOCK_V)
             x = _load_row_block(x_row, cols, cols < V, 1.0, False)
             hi, lo = _shift(x, a_ref, EXACT)
-            p = _prob(hi, lo, r, L)
-            spd += tl.sum(tl.where(p > 0.0, p * (hi + lo), 0.0), axis=0)
-    tl.store(h_ptr + row, L - spd)  # H = L + sum p |d|: two non-negative terms
+            _, e = _prob_scaled(hi, lo, r, L)
+            spd, spd_c = _acc(spd, spd_c, _pd_sum(e, hi + lo))
+        spd = spd + spd_c
+    # H = L + sum p |d|: two non-negative terms; a NaN row (L NaN) stays NaN
+    tl.store(h_ptr + row, L - _pd_finish(spd, r))
     tl.store(a_ptr + row, a)
     tl.store(r_ptr + row, tl.where(L == L, r, float("nan")))
 

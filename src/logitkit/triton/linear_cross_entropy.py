@@ -36,6 +36,7 @@ from torch import Tensor
 
 from ._lib import FP_OPTIONS, TWO_M64, div_rn, exp_acc, exp_scaled, round_to, tanh_acc, to_f32
 from .cross_entropy import (
+    _acc,
     _block_config,
     _block_state,
     _ce_block,
@@ -98,14 +99,20 @@ def _lce_stats_kernel(
         if SINGLE:
             Q, Eb, Ub = _block_sums(x, cols, mask, m_ref, w_blk, HAS_W, EXACT)
         else:
+            Q_c = 0.0
+            Eb_c = 0.0
+            Ub_c = 0.0
             for start in range(0, n, BLOCK_V):
                 cols = start + tl.arange(0, BLOCK_V)
                 mask = cols < n
                 xb = _load_row_block(x_row, cols, mask, cap, HAS_CAP)
                 q_b, e_b, u_b = _block_sums(xb, cols, mask, m_ref, w_blk, HAS_W, EXACT)
-                Q += q_b
-                Eb += e_b
-                Ub += u_b
+                Q, Q_c = _acc(Q, Q_c, q_b)
+                Eb, Eb_c = _acc(Eb, Eb_c, e_b)
+                Ub, Ub_c = _acc(Ub, Ub_c, u_b)
+            Q = Q + Q_c
+            Eb = Eb + Eb_c
+            Ub = Ub + Ub_c
 
     # The target's logit (capped as the block was), when the target lies in this block.
     t = tl.load(t_ptr + row).to(tl.int64)

@@ -562,8 +562,8 @@ def test_looped_sums_keep_infinities(block_v):
             got.append(lk.cross_entropy_with_stats(x, tgt, reduction="none", label_smoothing=0.05))
         with lk.use_backend("reference"):
             want.append(lk.cross_entropy_with_stats(x.cpu(), tgt.cpu(), reduction="none", label_smoothing=0.05))
-    for g, w in zip(got, want):
-        for a, b in zip(g, w):
+    for g, w in zip(got, want, strict=True):
+        for a, b in zip(g, w, strict=True):
             a = a.cpu()
             assert torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(torch.isinf(a), torch.isinf(b)), (a, b)
             fin = torch.isfinite(b)

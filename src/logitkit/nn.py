@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -38,15 +40,16 @@ class LogSoftmax(torch.nn.Module):
         return f"dim={self.dim}"
 
 
-class _WeightedLoss(torch.nn.Module):
+class _WeightedLoss(torch.nn.modules.loss._WeightedLoss):
+    """torch's loss base (``isinstance(m, torch.nn.modules.loss._Loss)`` holds, as for torch's losses), with
+    logitkit's check of the legacy ``size_average`` / ``reduce`` arguments."""
+
     def __init__(self, weight: Tensor | None, size_average, reduce, reduction: str) -> None:
-        super().__init__()
         if size_average is not None or reduce is not None:
             from ._validate import reduction as legacy
 
             reduction = legacy(reduction, size_average, reduce)
-        self.reduction = reduction
-        self.register_buffer("weight", weight)
+        super().__init__(weight, None, None, reduction)
         self.weight: Tensor | None
 
 
@@ -81,7 +84,7 @@ class NLLLoss(_WeightedLoss):
                           reduction=self.reduction)
 
 
-class LinearCrossEntropyLoss(torch.nn.Module):
+class LinearCrossEntropyLoss(_WeightedLoss):
     """As torch 2.13's ``torch.nn.LinearCrossEntropyLoss``: owns ``self.linear`` (no bias by default) and
     computes ``cross_entropy(self.linear(input), target)`` without materialising the logits.
 
@@ -94,16 +97,16 @@ class LinearCrossEntropyLoss(torch.nn.Module):
                  bias: bool = False, device=None, dtype=None, reduction: str = "mean",
                  weight: Tensor | None = None, ignore_index: int | None = None, label_smoothing: float = 0.0,
                  options=None, z_loss: float = 0.0, softcap: float | None = None, strategy: str = "auto") -> None:
-        super().__init__()
+        # As torch's constructor checks (ValueError here, as logitkit.linear_cross_entropy raises at call time).
+        if weight is not None and tuple(weight.shape) != (num_classes,):
+            raise ValueError(f"weight must have shape {(num_classes,)}, got {tuple(weight.shape)}")
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+        super().__init__(weight, None, None, reduction)
         self.in_features, self.num_classes = in_features, num_classes
         self.out_features = tuple(out_features)
-        n_out = num_classes
-        for d in self.out_features:
-            n_out *= d
-        self.linear = torch.nn.Linear(in_features, n_out, bias=bias, device=device, dtype=dtype)
-        self.reduction = reduction
-        self.register_buffer("weight", weight)
-        self.weight: Tensor | None
+        self.linear = torch.nn.Linear(in_features, math.prod(self.out_features, start=num_classes), bias=bias,
+                                      device=device, dtype=dtype)
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
         self.options = options
@@ -119,3 +122,11 @@ class LinearCrossEntropyLoss(torch.nn.Module):
                                       reduction=self.reduction, ignore_index=self.ignore_index,
                                       label_smoothing=self.label_smoothing, options=self.options,
                                       z_loss=self.z_loss, softcap=self.softcap, strategy=self.strategy)
+
+    def extra_repr(self) -> str:
+        # torch's fields, then the extensions
+        return (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
+                f"out_features={self.out_features}, bias={self.linear.bias is not None}, "
+                f"reduction={self.reduction}, ignore_index={self.ignore_index}, "
+                f"label_smoothing={self.label_smoothing}, options={self.options}, z_loss={self.z_loss}, "
+                f"softcap={self.softcap}, strategy={self.strategy}")

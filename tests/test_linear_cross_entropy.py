@@ -558,6 +558,15 @@ def test_module_matches_torch_module():
     t = torch.randint(0, 40, (9,))
     a, b = ours(x, t), theirs(x, t)
     assert abs(a.item() - b.item()) <= 8 * torch.finfo(F32).eps * abs(b.item())
+    # the same base class and the same repr fields first; torch's constructor checks (as ValueError)
+    assert isinstance(ours, torch.nn.modules.loss._WeightedLoss)
+    assert ours.extra_repr().startswith(theirs.extra_repr() + ", z_loss=0.0"), (ours.extra_repr(), theirs.extra_repr())
+    with pytest.raises(ValueError, match="weight must have shape"):
+        lk.nn.LinearCrossEntropyLoss(12, 40, weight=torch.ones(39))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        lk.nn.LinearCrossEntropyLoss(12, 40, label_smoothing=1.5)
+    k = lk.nn.LinearCrossEntropyLoss(12, 5, out_features=(3,))
+    assert k.linear.weight.shape == (15, 12)
 
 
 @pytest.mark.skipif(not hasattr(F, "linear_cross_entropy"), reason="torch < 2.13 has no F.linear_cross_entropy")
@@ -799,3 +808,22 @@ def test_class_weight_requiring_grad_is_refused():
     w = torch.rand(23, requires_grad=True)
     with pytest.raises(ValueError, match="weight"):
         lk.linear_cross_entropy(torch.randn(5, 8), torch.randn(23, 8), torch.arange(5), weight=w)
+
+
+def test_options_batch_chunk_size_checked_as_torch():
+    # torch raises ValueError("batch_chunk_size must be positive int or None") on 0 / negatives; logitkit clamped
+    # them to 1 before 2026-12-07. torch's own options object is accepted without a warning at its defaults.
+    x, W, t = torch.randn(6, 8), torch.randn(11, 8), torch.randint(0, 11, (6,))
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="batch_chunk_size"):
+            lk.linear_cross_entropy(x, W, t, options=_Options(bad))
+    want = F.cross_entropy(x.double() @ W.double().T, t)
+    if hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = lk.linear_cross_entropy(x, W, t, options=torch.nn.LinearCrossEntropyOptions(batch_chunk_size=4))
+        assert abs(got.item() - want.item()) <= 1e-5 * want.item()
+        with pytest.warns(UserWarning, match="chunking_method"):
+            lk.linear_cross_entropy(x, W, t, options=torch.nn.LinearCrossEntropyOptions(chunking_method="aspect_ratio"))

@@ -1,7 +1,8 @@
 """Backend choice: explicit argument > ``use_backend`` context > automatic.
 
 Nothing is read at import time; ``LOGITKIT_BACKEND`` (if set) is read lazily, once per call of
-:func:`get_backend` when no context manager is active.
+:func:`get_backend` when no context manager is active. While a torch.func transform is active every op takes
+the composite path instead (:func:`transforms_active`), whatever the backend.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+
+import torch
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -79,3 +82,12 @@ def wants_triton(device_type: str, backend: str | None = None) -> bool:
             f"use_backend('triton') on a {device_type} tensor needs TRITON_INTERPRET=1 (Triton's interpreter)"
         )
     return True
+
+
+def transforms_active() -> bool:
+    """Whether a torch.func transform (grad, vjp, jacrev, jacfwd, vmap, ...) is active around this call.
+
+    The same test ``torch.autograd.Function.apply`` makes before taking functorch's route; torch.compile
+    folds it to a constant (no graph break), and it is False while AOTAutograd traces an ordinary graph.
+    """
+    return torch._C._are_functorch_transforms_active()

@@ -21,6 +21,7 @@ from .autograd.linear_cross_entropy import (
     token_chunk,
     vocab_block,
 )
+from .reference import composite
 from .reference.plain import working_dtype
 
 
@@ -102,15 +103,27 @@ def _run(input, linear_weight, target, linear_bias, weight, reduction, ignore_in
     requested = None
     if options is not None:
         requested = getattr(options, "batch_chunk_size", None)
-        if getattr(options, "acc_policy", "auto") != "auto" or getattr(options, "acc_dtype", None) is not None:
+        if requested is not None and (isinstance(requested, bool) or not isinstance(requested, int)
+                                      or requested <= 0):
+            raise ValueError(f"options.batch_chunk_size must be a positive int or None, got {requested!r}")
+        if (getattr(options, "acc_policy", "auto") != "auto" or getattr(options, "acc_dtype", None) is not None
+                or getattr(options, "chunking_method", "auto") not in ("auto", None)):
             warnings.warn(
-                "logitkit.linear_cross_entropy accumulates in float32 (float64 for float64 inputs); "
-                "options.acc_policy and options.acc_dtype do not apply (only options.batch_chunk_size is used)",
+                "logitkit.linear_cross_entropy accumulates in float32 (float64 for float64 inputs) and sizes its "
+                "own chunks; options.acc_policy, options.acc_dtype and options.chunking_method do not apply "
+                "(only options.batch_chunk_size is used)",
                 stacklevel=3,
             )
     M = math.prod(x.shape[:-1])  # not numel // D: D may be 0
     x2 = x.reshape(M, D)
     t2 = target.reshape(M, V) if prob else target.reshape(M).long()
+    out_dtype = working_dtype(x.dtype)
+    if _config.transforms_active():  # torch.func: through the (M, V) logits, no chunks, no memory saving
+        loss, lse, ent = composite.linear_ce(x2, linear_weight, linear_bias, t2, w, ii, red, eps, z, cap, prob,
+                                             entropy)
+        loss = loss.reshape(lead) if red == "none" else loss
+        return (loss.to(out_dtype), lse.reshape(lead).to(out_dtype),
+                ent.reshape(lead).to(out_dtype) if entropy else None)
     use_triton = _config.wants_triton(x.device.type) and x.dtype != torch.float64
     chunk = token_chunk(M, V, requested, x.device.type, x.element_size())
     o = make_opts(w, ii, red, eps, z, cap, chunk, prob, entropy, use_triton,
@@ -118,7 +131,6 @@ def _run(input, linear_weight, target, linear_bias, weight, reduction, ignore_in
     loss, lse, ent = LinearCrossEntropyFunction.apply(x2, linear_weight, linear_bias, t2, o)
     if red == "none":
         loss = loss.reshape(lead)
-    out_dtype = working_dtype(x.dtype)
     return loss.to(out_dtype), lse.reshape(lead).to(out_dtype), ent.reshape(lead).to(out_dtype) if entropy else None
 
 

@@ -16,6 +16,15 @@ from torch import Tensor
 REDUCTIONS = ("none", "mean", "sum")
 
 
+def _values(t: Tensor) -> Tensor:
+    """The plain tensor under torch.func's wrappers (vmap's BatchedTensor holds every batch entry), so value
+    checks can read it on the host inside a transform; ``t`` itself otherwise."""
+    if torch._C._are_functorch_transforms_active():
+        while torch._C._functorch.is_functorch_wrapped_tensor(t):
+            t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
 def tensor(name: str, x: object) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -183,14 +192,16 @@ def target_range(target: Tensor, C: int, ignore_index: int) -> None:
     """Every target is in [0, C) or equal to ignore_index."""
     if target.numel() == 0:
         return
-    bad = ((target < 0) | (target >= C)) & (target != ignore_index)
     if target.device.type == "cpu" and not torch.compiler.is_compiling():
+        target = _values(target)
+        bad = ((target < 0) | (target >= C)) & (target != ignore_index)
         if bool(bad.any()):
             v = int(target[bad][0])
             raise IndexError(
                 f"target {v} is out of bounds: expected class indices in [0, {C}) or ignore_index={ignore_index}"
             )
     else:
+        bad = ((target < 0) | (target >= C)) & (target != ignore_index)
         torch._assert_async(~bad.any(), f"target out of bounds: expected class indices in [0, {C}) or ignore_index")
 
 
@@ -241,10 +252,11 @@ def index_tensor(x: Tensor, index: object, d: int) -> Tensor:
         raise ValueError(f"index is on {index.device} but input is on {x.device}")
     V = x.shape[d] if x.dim() else 1
     if index.numel():
-        bad = (index < 0) | (index >= V)
         if index.device.type == "cpu" and not torch.compiler.is_compiling():
+            iv = _values(index)
+            bad = (iv < 0) | (iv >= V)
             if bool(bad.any()):
-                raise IndexError(f"index {int(index[bad][0])} is out of bounds for dimension {d} of size {V}")
+                raise IndexError(f"index {int(iv[bad][0])} is out of bounds for dimension {d} of size {V}")
         else:
-            torch._assert_async(~bad.any(), "selective_log_softmax: index out of bounds")
+            torch._assert_async(~((index < 0) | (index >= V)).any(), "selective_log_softmax: index out of bounds")
     return index

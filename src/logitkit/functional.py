@@ -1,6 +1,8 @@
 """The public API: torch.nn.functional's names, argument order and defaults; extensions keyword-only.
 
-Each function validates (``_validate``), picks the backend (``_config``) and calls one autograd.Function.
+Each function validates (``_validate``), picks the backend (``_config``) and calls one autograd.Function;
+while a torch.func transform is active it calls the composite path (``reference/composite.py``) instead,
+which torch.func differentiates and vmaps natively (the Functions have no functorch rules).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from .autograd.losses import (
     loss_dtype,
 )
 from .autograd.softmax import LogsumexpFunction, SoftmaxFunction
+from .reference import composite
 
 __all__ = [
     "softmax",
@@ -42,6 +45,10 @@ def _normalize(name: str, input, dim, stacklevel: int, dtype, mask, log: bool) -
     x = check.float_input("input", input, dtype)
     d = check.dim(dim, x.dim())
     m = check.mask(mask, x)
+    if _config.transforms_active():
+        if x.dim() == 0:
+            return composite.normalize(x.reshape(1), 0, None if m is None else m.reshape(1), log).reshape(())
+        return composite.normalize(x, d, m, log)
     use_triton = _config.wants_triton(x.device.type)
     if x.dim() == 0:  # a single entry: softmax 1, log_softmax 0 (or NaN/-inf/... per the table)
         m1 = None if m is None else m.reshape(1)
@@ -81,20 +88,25 @@ def logsumexp(input: Tensor, dim, keepdim: bool = False, *, mask: Tensor | None 
         range(x.dim())
     )
     m = check.mask(mask, x)
-    use_triton = _config.wants_triton(x.device.type)
+    transformed = _config.transforms_active()
+    use_triton = not transformed and _config.wants_triton(x.device.type)
+
+    def one_dim(x: Tensor, d: int, m: Tensor | None) -> Tensor:  # lse over one dim, kept as size 1
+        return composite.lse(x, d, m) if transformed else LogsumexpFunction.apply(x, d, m, use_triton)
+
     if x.dim() == 0:
         m1 = None if m is None else m.reshape(1)
-        return LogsumexpFunction.apply(x.reshape(1), 0, m1, use_triton).reshape(())
+        return one_dim(x.reshape(1), 0, m1).reshape(())
     if len(dims) == 1:
         (d,) = dims
-        out = LogsumexpFunction.apply(x, d, m, use_triton)
+        out = one_dim(x, d, m)
         return out if keepdim else out.squeeze(d)
     # Several dims: move them last and flatten them into one reduced dimension.
     kept = [i for i in range(x.dim()) if i not in dims]
     perm = kept + list(dims)
     xr = x.permute(perm).reshape(*[x.shape[i] for i in kept], math.prod([x.shape[i] for i in dims]))
     mr = None if m is None else m.permute(perm).reshape(xr.shape)
-    out = LogsumexpFunction.apply(xr, xr.dim() - 1, mr, use_triton).squeeze(-1)
+    out = one_dim(xr, xr.dim() - 1, mr).squeeze(-1)
     if keepdim:
         for d in sorted(dims):
             out = out.unsqueeze(d)
@@ -132,17 +144,24 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
         raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
     if C == 0:
         raise ValueError("input must have at least one class (C >= 1)")
-    use_triton = _config.wants_triton(x.device.type)
     xv = x.movedim(cdim, -1)
     check.weight_without_grad(w, "cross_entropy")
-    if target.dtype.is_floating_point:
+    prob = target.dtype.is_floating_point
+    if prob:
         check.prob_target(x, target)
         check.no_ignore_index_for_probs(ignore_index)
+    else:
+        check.integer_target(target)
+        check.class_target_shape(x, target, cdim)
+        check.target_range(target, C, ignore_index)
+    if _config.transforms_active():  # inplace_backward has no effect here (nothing is formed in forward)
+        if prob:
+            return composite.ce_prob(xv, target.movedim(cdim, -1), w, red, eps, z, cap, with_entropy)
+        return composite.ce_index(xv, target.long(), w, ignore_index, red, eps, z, cap, with_entropy)
+    use_triton = _config.wants_triton(x.device.type)
+    if prob:
         return CrossEntropyProbFunction.apply(xv, target.movedim(cdim, -1), w, red, eps, z, cap, use_triton,
                                               inplace_backward, with_entropy)
-    check.integer_target(target)
-    check.class_target_shape(x, target, cdim)
-    check.target_range(target, C, ignore_index)
     return CrossEntropyFunction.apply(xv, target.long(), w, ignore_index, red, eps, z, cap, use_triton,
                                       inplace_backward, with_entropy)
 
@@ -232,6 +251,8 @@ def selective_log_softmax(input: Tensor, index: Tensor, dim: int = -1) -> Tensor
     idx = check.index_tensor(x, index, d)
     if x.shape[d] == 0:
         return torch.empty(idx.shape, dtype=x.dtype, device=x.device)
+    if _config.transforms_active():
+        return composite.selective(x.movedim(d, -1), idx.long().movedim(d, -1)).movedim(-1, d)
     use_triton = _config.wants_triton(x.device.type)
     out = SelectiveLogSoftmaxFunction.apply(x.movedim(d, -1), idx.long().movedim(d, -1), use_triton)
     return out.movedim(-1, d)
@@ -247,6 +268,8 @@ def entropy(input: Tensor, dim: int = -1) -> Tensor:
     if x.dim() == 0:
         return torch.zeros((), dtype=loss_dtype(x.dtype), device=x.device) + 0.0 * x
     d = check.dim(dim, x.dim())
+    if _config.transforms_active():
+        return composite.entropy(x.movedim(d, -1))
     return EntropyFunction.apply(x.movedim(d, -1), _config.wants_triton(x.device.type))
 
 

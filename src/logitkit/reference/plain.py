@@ -546,8 +546,9 @@ def lse_bwd(xv: Tensor, lse: Tensor, g: Tensor, mv: Tensor | None, dx: Tensor) -
     for sl, x2, m2 in _blocks(xv, mv):
         s = row_stats(x2, m2, masked, ws)
         p = softmax_from(s)
-        # As the fast path: a +inf in the row gives torch's exp(x - inf), 0 off the infinities, not a NaN row.
-        _repair(torch.isposinf(lse[sl].reshape(-1, 1)), _masked(x2, m2), p,
-                lambda rows, wd=p.dtype: torch.exp(rows.to(wd) - math.inf))
+        # As the fast path: a +inf in the row gives torch's exp(x - inf), NaN on the infinities and 0 off them,
+        # not a NaN row. A select, not _repair: this path also serves CUDA tensors, where nonzero() would sync.
+        inf_row = torch.isposinf(lse[sl].reshape(-1, 1))
+        p = torch.where(inf_row, torch.where(torch.isposinf(_masked(x2, m2)), math.nan, 0.0).to(p.dtype), p)
         _store(dx[sl], p.mul_(g[sl].reshape(-1, 1).to(p.dtype)))
     return dx

@@ -53,7 +53,6 @@ from ._lib import (
     exp_scaled,
     log1p_acc,
     merge_state_comp,
-    merge_state_scaled,
     round_to,
     tanh_acc,
     to_f32,
@@ -157,13 +156,6 @@ def _block_state(x, EXACT: tl.constexpr):
 
 
 @triton.jit
-def _merge(a, R, m, Rm):
-    """Online merge of two scaled states (_lib.merge_state_scaled), the scale exp(a_lo - a_hi) always accurate
-    (exp_scaled; the maxima's difference is exact for half logits, TwoSum-carried for fp32 ones)."""
-    return merge_state_scaled(a, R, m, Rm, True)
-
-
-@triton.jit
 def _finish(a, R):
     """(a_ref, L, lse): L = log1p(r), NaN for a NaN or infinite max; lse = the infinite max or a + L."""
     r = R * TWO_M64  # rounded once where r is subnormal; log1p(r) = r there
@@ -176,9 +168,10 @@ def _finish(a, R):
 
 @triton.jit
 def _merge_comp(a, R, C, m, Rm):
-    """_merge on a compensated state (a, R + C): the merge's roundings go into C (_lib.merge_state_comp), so
-    a row of many blocks rounds its rest sum about once (before: once per block, 7.5 ulps of fp32 lse at 513
-    blocks)."""
+    """Online merge of a block's scaled state into a compensated row state (a, R + C), the scale
+    exp(a_lo - a_hi) always accurate (exact maxima difference for half logits, TwoSum-carried for fp32 ones).
+    The merge's roundings go into C (_lib.merge_state_comp), so a row of many blocks rounds its rest sum about
+    once (before 2026-12-07: once per block, 7.5 ulps of fp32 lse at 513 blocks)."""
     return merge_state_comp(a, R, C, m, Rm, 0.0, True)
 
 

@@ -162,3 +162,79 @@ def test_logsumexp_complex_as_torch():
     assert torch.equal(logitkit.logsumexp(z, 1), torch.logsumexp(z, 1))
     with pytest.raises(TypeError):
         logitkit.logsumexp(z, 1, mask=torch.ones(1, 2, dtype=torch.bool))
+
+
+def test_ignore_index_must_be_an_int_as_torch():
+    np = pytest.importorskip("numpy")
+    h, W = torch.randn(4, 3), torch.randn(5, 3)
+    for bad in (1.0, True, "1", None):
+        for call, torch_call in (
+            (lambda bad=bad: logitkit.cross_entropy(X, T, ignore_index=bad),
+             lambda bad=bad: torch.nn.functional.cross_entropy(X, T, ignore_index=bad)),
+            (lambda bad=bad: logitkit.nll_loss(X, T, ignore_index=bad),
+             lambda bad=bad: torch.nn.functional.nll_loss(X, T, ignore_index=bad)),
+        ):
+            raises_naming("ignore_index", call, TypeError)
+            with pytest.raises(TypeError):
+                torch_call()
+        if bad is not None:  # linear_cross_entropy's default is None
+            raises_naming("ignore_index", lambda bad=bad: logitkit.linear_cross_entropy(h, W, T, ignore_index=bad),
+                          TypeError)
+    for ok in (np.int64(1), torch.tensor(1)):  # __index__ integers count, as torch
+        want = torch.nn.functional.cross_entropy(X.double(), T, ignore_index=1)
+        assert abs(logitkit.cross_entropy(X, T, ignore_index=ok).item() - want.item()) < 1e-6
+        want = torch.nn.functional.nll_loss(X, T, ignore_index=1)
+        assert abs(logitkit.nll_loss(X, T, ignore_index=ok).item() - want.item()) < 1e-6
+        want = torch.nn.functional.linear_cross_entropy(h.double(), W.double(), T, ignore_index=1)
+        assert abs(logitkit.linear_cross_entropy(h, W, T, ignore_index=ok).item() - want.item()) < 1e-6
+
+
+def test_logsumexp_out_as_torch():
+    x = torch.randn(3, 4)
+    for dtype in (torch.float32, torch.float64, torch.float16):
+        out = torch.empty(3, dtype=dtype)
+        got = logitkit.logsumexp(x, 1, out=out)
+        assert got is out and got.dtype == dtype
+        assert torch.equal(got, logitkit.logsumexp(x, 1).to(dtype))
+    m = torch.tensor([[True, False, True, True]] * 3)
+    out = torch.empty(1, 3)
+    assert logitkit.logsumexp(x, 1, keepdim=True, out=out, mask=m) is out
+    assert torch.equal(out, logitkit.logsumexp(x, 1, keepdim=True, mask=m))
+    out = torch.empty(0)  # an empty out is resized silently, a wrong non-empty one with a warning (as torch)
+    assert logitkit.logsumexp(x, (0, 1), out=out).shape == ()
+    out = torch.empty(5)
+    with pytest.warns(UserWarning, match="resized"):
+        logitkit.logsumexp(x, 1, out=out)
+    assert out.shape == (3,) and torch.equal(out, logitkit.logsumexp(x, 1))
+    raises_naming("out", lambda: logitkit.logsumexp(x, 1, out=torch.empty(3, dtype=torch.int64)), TypeError)
+    raises_naming("out", lambda: logitkit.logsumexp(x, 1, out=[0.0]), TypeError)
+    xr = x.clone().requires_grad_()
+    for a, o in ((xr, torch.empty(3)), (x, torch.empty(3, requires_grad=True))):
+        with pytest.raises(RuntimeError, match="out="):
+            logitkit.logsumexp(a, 1, out=o)
+        with pytest.raises(RuntimeError, match="out="):
+            torch.logsumexp(a, 1, out=o)
+    with torch.no_grad():
+        assert torch.equal(logitkit.logsumexp(xr, 1, out=torch.empty(3)), logitkit.logsumexp(x, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float64_probabilities_give_a_float64_loss_as_torch(dtype):
+    x = (torch.randn(6, 7) * 4).to(dtype).requires_grad_()
+    p = torch.softmax(torch.randn(6, 7, dtype=torch.float64), 1)
+    for red in ("mean", "sum", "none"):
+        loss = logitkit.cross_entropy(x, p, reduction=red, label_smoothing=0.1)
+        assert loss.dtype == torch.nn.functional.cross_entropy(x, p, reduction=red).dtype == torch.float64
+        # computed in float64 from the (exact) float64 cast of the logits
+        want = torch.nn.functional.cross_entropy(x.double(), p, reduction=red, label_smoothing=0.1)
+        assert torch.allclose(loss, want, rtol=1e-13, atol=0), (loss - want).abs().max()
+        (g,) = torch.autograd.grad(loss.sum(), x)
+        (gw,) = torch.autograd.grad(want.sum(), x)
+        assert g.dtype == dtype and torch.equal(g, gw)
+    h, W = torch.randn(6, 3), torch.randn(7, 3)
+    got = logitkit.linear_cross_entropy(h, W, p)
+    want = torch.nn.functional.linear_cross_entropy(h, W, p)
+    assert got.dtype == want.dtype == torch.float64
+    assert abs(got.item() - torch.nn.functional.linear_cross_entropy(h.double(), W.double(), p).item()) < 1e-5
+    q = p.float()  # float32 probabilities with half logits: a float32 loss (both)
+    assert logitkit.cross_entropy(x, q).dtype == torch.float32

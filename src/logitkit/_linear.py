@@ -60,6 +60,7 @@ def _run(input, linear_weight, target, linear_bias, weight, reduction, ignore_in
         if linear_bias.dtype != x.dtype:
             raise TypeError(f"linear_bias dtype {linear_bias.dtype} must match input dtype {x.dtype}")
     red = check.reduction(reduction, None, None)
+    ignore_index = check.ignore_index(ignore_index, allow_none=True)
     eps = check.label_smoothing(label_smoothing)
     z = check.nonneg_float("z_loss", z_loss)
     cap = check.softcap(softcap)
@@ -118,11 +119,13 @@ def _run(input, linear_weight, target, linear_bias, weight, reduction, ignore_in
     x2 = x.reshape(M, D)
     t2 = target.reshape(M, V) if prob else target.reshape(M).long()
     out_dtype = working_dtype(x.dtype)
+    # As torch: float64 probabilities make a float64 loss (computed in working precision, then widened).
+    loss_out = torch.promote_types(out_dtype, t2.dtype) if prob else out_dtype
     if _config.transforms_active():  # torch.func: through the (M, V) logits, no chunks, no memory saving
         loss, lse, ent = composite.linear_ce(x2, linear_weight, linear_bias, t2, w, ii, red, eps, z, cap, prob,
                                              entropy)
         loss = loss.reshape(lead) if red == "none" else loss
-        return (loss.to(out_dtype), lse.reshape(lead).to(out_dtype),
+        return (loss.to(loss_out), lse.reshape(lead).to(out_dtype),
                 ent.reshape(lead).to(out_dtype) if entropy else None)
     use_triton = _config.wants_triton(x.device.type) and x.dtype != torch.float64
     chunk = token_chunk(M, V, requested, x.device.type, x.element_size())
@@ -131,7 +134,7 @@ def _run(input, linear_weight, target, linear_bias, weight, reduction, ignore_in
     loss, lse, ent = LinearCrossEntropyFunction.apply(x2, linear_weight, linear_bias, t2, o)
     if red == "none":
         loss = loss.reshape(lead)
-    return loss.to(out_dtype), lse.reshape(lead).to(out_dtype), ent.reshape(lead).to(out_dtype) if entropy else None
+    return loss.to(loss_out), lse.reshape(lead).to(out_dtype), ent.reshape(lead).to(out_dtype) if entropy else None
 
 
 def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Tensor | None = None,

@@ -205,6 +205,18 @@ def target_range(target: Tensor, C: int, ignore_index: int) -> None:
         torch._assert_async(~bad.any(), f"target out of bounds: expected class indices in [0, {C}) or ignore_index")
 
 
+def ignore_index(v: object, allow_none: bool = False) -> int | None:
+    """An int (anything with ``__index__`` but bool, as torch's argument parser), or None where allowed."""
+    if v is None and allow_none:
+        return None
+    if not isinstance(v, bool):
+        try:
+            return operator.index(v)
+        except TypeError:
+            pass
+    raise TypeError(f"ignore_index must be an int{' or None' if allow_none else ''}, got {type(v).__name__}")
+
+
 def no_ignore_index_for_probs(ignore_index: int) -> None:
     """torch refuses a class to ignore (ignore_index >= 0) with class-probability targets."""
     if ignore_index >= 0:

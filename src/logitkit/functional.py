@@ -8,6 +8,7 @@ which torch.func differentiates and vmaps natively (the Functions have no functo
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -72,13 +73,38 @@ def log_softmax(input: Tensor, dim: int | None = None, _stacklevel: int = 3, dty
     return _normalize("log_softmax", input, dim, _stacklevel, dtype, mask, log=True)
 
 
-def logsumexp(input: Tensor, dim, keepdim: bool = False, *, mask: Tensor | None = None) -> Tensor:
+def logsumexp(input: Tensor, dim, keepdim: bool = False, *, out: Tensor | None = None,
+              mask: Tensor | None = None) -> Tensor:
     """``log(sum(exp(input)))`` over ``dim`` (an int or a tuple of ints), as ``torch.logsumexp``.
 
     Accumulates in float32 or wider (70,000 fp16 zeros give 11.16, not inf). Integer inputs are cast to the
-    default float dtype, as torch does.
+    default float dtype, as torch does. ``out=`` as torch: a floating-point tensor on the input's device that
+    receives the result (cast to its dtype, resized when its shape differs) and is returned; not
+    differentiable, so neither ``input`` nor ``out`` may require grad while grad mode is on.
     """
     check.tensor("input", input)
+    if out is None:
+        return _logsumexp(input, dim, keepdim, mask)
+    if not isinstance(out, Tensor):
+        raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+    if not out.dtype.is_floating_point:
+        raise TypeError(f"out must be a floating-point tensor, got {out.dtype}")
+    if out.device != input.device:
+        raise ValueError(f"out is on {out.device} but input is on {input.device}")
+    if torch.is_grad_enabled() and (input.requires_grad or out.requires_grad):
+        raise RuntimeError("logsumexp(): functions with out=... arguments don't support automatic "
+                           "differentiation, but one of the arguments requires grad.")
+    res = _logsumexp(input, dim, keepdim, mask)
+    if out.shape != res.shape:
+        if out.numel() != 0:
+            warnings.warn(f"out of shape {tuple(out.shape)} was resized to the result's shape "
+                          f"{tuple(res.shape)}, as torch does (deprecated there for non-empty outputs)",
+                          UserWarning, stacklevel=2)
+        out.resize_(res.shape)
+    return out.copy_(res)
+
+
+def _logsumexp(input: Tensor, dim, keepdim: bool, mask: Tensor | None) -> Tensor:
     if input.is_complex():  # torch's complex logsumexp (the rest-sum scheme is for real logits)
         if mask is not None:
             raise TypeError("logsumexp with mask= needs a real floating-point input, got a complex one")
@@ -137,6 +163,7 @@ class CrossEntropyStats(NamedTuple):
 def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing,
                    z_loss, softcap, inplace_backward, with_entropy):
     x, cdim, C, w, red = _loss_common(input, target, weight, size_average, reduce, reduction)
+    ignore_index = check.ignore_index(ignore_index)
     eps = check.label_smoothing(label_smoothing)
     z = check.nonneg_float("z_loss", z_loss)
     cap = check.softcap(softcap)
@@ -144,16 +171,19 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
         raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
     if C == 0:
         raise ValueError("input must have at least one class (C >= 1)")
-    xv = x.movedim(cdim, -1)
     check.weight_without_grad(w, "cross_entropy")
     prob = target.dtype.is_floating_point
     if prob:
         check.prob_target(x, target)
         check.no_ignore_index_for_probs(ignore_index)
+        wide = torch.promote_types(loss_dtype(x.dtype), target.dtype)
+        if wide != loss_dtype(x.dtype):  # float64 probabilities: a float64 loss, as torch (computed in float64)
+            x = x.to(wide)
     else:
         check.integer_target(target)
         check.class_target_shape(x, target, cdim)
         check.target_range(target, C, ignore_index)
+    xv = x.movedim(cdim, -1)
     if _config.transforms_active():  # inplace_backward has no effect here (nothing is formed in forward)
         if prob:
             return composite.ce_prob(xv, target.movedim(cdim, -1), w, red, eps, z, cap, with_entropy)
@@ -219,6 +249,7 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, size_a
     the rows for a kernel to fuse, and autograd's gather backward writes the (zero) gradient once.
     """
     x, cdim, C, w, red = _loss_common(input, target, weight, size_average, reduce, reduction)
+    ignore_index = check.ignore_index(ignore_index)
     check.integer_target(target)
     check.class_target_shape(x, target, cdim)
     check.target_range(target, C, ignore_index)

@@ -282,6 +282,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         raise ValueError(f"linear_weight must be (V_local, D), got shape {tuple(wt.shape)}")
     if h.dim() not in (1, 2) or h.shape[-1] != wt.shape[1]:
         raise ValueError(f"input must be (D,) or (N, D) with D = {wt.shape[1]}, got shape {tuple(h.shape)}")
+    ignore_index = check.ignore_index(ignore_index, allow_none=True)
     prob = target.dtype.is_floating_point
     if prob:
         # class probabilities: this rank's slice, sharded like the classifier rows
@@ -306,7 +307,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         raise ValueError(f"target is on {target.device} but input is on {h.device}")
     red = check.reduction(reduction, None, None)
     eps = check.label_smoothing(label_smoothing)
-    ii = -100 if ignore_index is None else int(ignore_index)
+    ii = -100 if ignore_index is None else ignore_index
     chunk = max(1, min(DEFAULT_CHUNK, CHUNK_ELEMS // max(1, wt.shape[0])))
     if options is not None:
         bcs = getattr(options, "batch_chunk_size", None)

@@ -157,6 +157,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
     x = check.float_input("input", x, None)
     cdim = check.loss_input("input", x)
     red = check.reduction(reduction, size_average, reduce)
+    ignore_index = check.ignore_index(ignore_index)
     eps = check.label_smoothing(label_smoothing)
     z = check.nonneg_float("z_loss", z_loss)
     cap = check.softcap(softcap)

@@ -377,3 +377,25 @@ def test_property_gradient_sums_to_zero(row, data):
     # exact-sum test in float64 of the float32 gradient: within a few ulps of its largest entry
     assert abs(g.double().sum().item()) <= 4 * len(row) * 2**-24 * g.abs().max().item()
     assert oracle.ulp_error(g, oracle.cross_entropy_bwd(x, t), F32).max() <= 2 * ULPS["cross_entropy"][F32]
+
+
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_logits_changed_in_place_after_a_reduced_loss(backend, kind):
+    """As torch (its log_softmax saves its output): with reduction 'mean'/'sum' the gradient is formed in the
+    forward pass, so changing the logits in place before backward neither fails nor changes the gradient.
+    reduction='none' recomputes from the saved logits: there autograd's version check raises instead."""
+    x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 3, 6, 2]) if kind == "index" else torch.softmax(torch.randn(4, 7, dtype=torch.float64), 1)
+    want = torch.autograd.grad(F.cross_entropy(x * 2.0, t, reduction="sum"), x)[0]
+    for dtype in ((torch.float32,) if backend == "triton" else (torch.float32, torch.float64)):  # fp64: reference
+        xd = x.detach().to(dtype).requires_grad_()
+        y = xd * 2.0
+        loss = logitkit.cross_entropy(y, t.to(dtype) if kind == "prob" else t, reduction="sum")
+        y.add_(100.0)
+        (g,) = torch.autograd.grad(loss, xd)
+        assert torch.allclose(g.double(), want, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-7)
+    y = x * 2.0
+    loss = logitkit.cross_entropy(y, t, reduction="none").sum()
+    y.add_(100.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

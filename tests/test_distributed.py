@@ -291,6 +291,37 @@ def _ce_extra(ctx):
     return out
 
 
+@case("cross_entropy_softcap_saturated")
+def _ce_cap_sat(ctx):
+    """Softcapped logits far into tanh's saturation (|x / cap| up to 12), class indices and probabilities: the
+    slope sech^2 is formed from the raw logits, so every gradient entry is within a few ulps of a float64 oracle
+    (sech^2 = 1 / cosh^2) in units of its own scale (p + q) sech^2; 1 - tanh^2 of the rounded tanh is 0 or off by
+    thousands of ulps there."""
+    out = {}
+    sizes = SPLITS[ctx.world][0]
+    V = sum(sizes)
+    cap = 2.0
+    xd = (torch.rand(4, V, generator=_gen("sat"), dtype=F64) * 24.0 - 12.0) * cap
+    t = torch.randint(0, V, (4,), generator=_gen("satt"))
+    qd = torch.softmax(torch.randn(4, V, generator=_gen("satq"), dtype=F64), -1)
+    for dtype in DTYPES:
+        x, q = xd.to(dtype), qd.to(dtype)
+        for name, tgt in (("index", t), ("prob", q)):
+            xc = (cap * torch.tanh(x.double() / cap)).requires_grad_()
+            (gc,) = torch.autograd.grad(F.cross_entropy(xc, tgt.double() if name == "prob" else tgt,
+                                                        reduction="sum"), xc)
+            slope = 1.0 / torch.cosh(x.double() / cap) ** 2
+            p = torch.softmax(xc.detach(), -1)
+            scale = (p + (q.double() if name == "prob" else F.one_hot(t, V).double())) * slope
+            tgt_loc = ctx.split(tgt, sizes) if name == "prob" else tgt
+            _, gx = _grad_through(lambda s: lkd.cross_entropy(s, tgt_loc, reduction="sum", softcap=cap),
+                                  ctx.split(x, sizes), torch.tensor(1.0, dtype=dtype))
+            unit = 16 * 2.0**-24 if dtype == F32 else TOL[F64]
+            e = (gx.double() - ctx.split(gc * slope, sizes)).abs() / ctx.split(scale, sizes)
+            out[f"dx {dtype}{name}"] = float(e.max()) / unit if e.numel() else 0.0
+    return out
+
+
 @case("cross_entropy_vocab_start")
 def _ce_vs(ctx):
     out = {}

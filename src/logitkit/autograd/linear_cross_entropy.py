@@ -411,7 +411,7 @@ def _vocab_grads(x: Tensor, W: Tensor, b: Tensor | None, target: Tensor, a: Tens
                     at_t = (hard[rs] * torch.expm1(y_t) + at_c[0][rs] * torch.exp(y_t) - at_c[1][rs]) * g[rs]
                     res.scatter_(1, j, torch.where(inb, at_t, res.gather(1, j)))
                 if o.softcap is not None:
-                    res.mul_(1.0 - (x2.to(wk) / o.softcap) ** 2)  # d/dx c tanh(x / c) = 1 - (capped / c)^2
+                    res.mul_(ref.cap_slope(lr, o.softcap, wk))  # d/dx c tanh(x / c), from the raw logits
                 if db is not None:
                     db[v0:v1] += res.sum(dim=0)
                 lr.copy_(res)  # G_b rounded once to the input dtype, over the logits (read once, written once)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..reference import losses as ref
+from ..reference.composite import capped as capped_diff
 from ..reference.plain import working_dtype
 from .softmax import SoftmaxFunction
 
@@ -79,7 +80,7 @@ _CONSUMED = (
 
 def _log_softmax(xv: Tensor, softcap: float | None) -> tuple[Tensor, Tensor]:
     """Differentiable (log_softmax, capped logits) of the last dim, for the double-backward composite."""
-    xc = xv if softcap is None else torch.tanh(xv.to(working_dtype(xv.dtype)) / softcap) * softcap
+    xc = capped_diff(xv, softcap)
     return SoftmaxFunction.apply(xc, -1, None, True, False).to(working_dtype(xv.dtype)), xc
 
 
@@ -151,14 +152,17 @@ class CrossEntropyFunction(torch.autograd.Function):
         nones = (None,) * 10
         if ctx.kernel:
             return (_ce_kernel_backward(ctx, g),) + nones
+        # the forward-formed gradient first, without unpacking the saved logits: as torch (whose log_softmax
+        # saves its output), the logits may be changed in place after the loss when only this backward needs them
+        if not torch.is_grad_enabled():
+            dx = _take_ref_fused(ctx, g)
+            if dx is not None:
+                return (dx,) + nones
         xv, target, weight, denom = ctx.saved_tensors
         ignore_index, reduction, eps, z_loss, softcap = ctx.opts
         valid = target != ignore_index
         if torch.is_grad_enabled():
             return (_ce_double_backward(xv, target, weight, denom, ctx.opts, g, valid),) + nones
-        dx = _take_ref_fused(ctx, g)
-        if dx is not None:
-            return (dx,) + nones
         gr = _row_grad(g, target.shape, denom, reduction, valid)
         dx = ref.ce_grad(xv, target, weight, ignore_index, eps, z_loss, softcap, gr, xv.dtype)
         return (dx,) + nones
@@ -196,12 +200,12 @@ def _take_fused(ctx, g: Tensor, k) -> Tensor | None:
 
 
 def _ce_kernel_backward(ctx, g: Tensor) -> Tensor:
-    xv, t2, weight, denom = ctx.saved_tensors
-    ignore_index, reduction, eps, z_loss, softcap = ctx.opts
     k = _triton()
-    dx = _take_fused(ctx, g, k)
+    dx = _take_fused(ctx, g, k)  # before unpacking the saved logits (see CrossEntropyFunction.backward)
     if dx is not None:
         return dx
+    xv, t2, weight, denom = ctx.saved_tensors
+    ignore_index, reduction, eps, z_loss, softcap = ctx.opts
     if torch.is_grad_enabled():
         t = t2.view(ctx.shape[:-1])
         return _ce_double_backward(xv, t, weight, None if denom is None else denom.reshape(()), ctx.opts, g,
@@ -224,7 +228,7 @@ def _ce_double_backward(xv, target, weight, denom, opts, g, valid):
         if eps > 0.0:
             rows = rows - torch.where(valid, (eps / C) * (logp * w).sum(-1), torch.zeros_like(rows))
         if z_loss != 0.0:
-            xc = xv if softcap is None else torch.tanh(xv.to(logp.dtype) / softcap) * softcap
+            xc = capped_diff(xv, softcap)
             lse_row = torch.logsumexp(xc.to(logp.dtype), -1)
             rows = rows + torch.where(valid, z_loss * lse_row * lse_row, torch.zeros_like(rows))
         gr = _row_grad(g, target.shape, denom, reduction, valid)
@@ -249,6 +253,13 @@ class CrossEntropyProbFunction(torch.autograd.Function):
         out_dtype = loss_dtype(xv.dtype)
         if not ctx.kernel:
             loss_rows, lse = ref.ce_prob_rows(xv, target, weight, label_smoothing, z_loss, softcap)
+            if _ref_fused_ok(ctx, xv, reduction) and not ctx.needs_input_grad[1]:
+                # CPU: the gradient now, so backward only scales it (as the class-index path; one more pass
+                # here, one fewer there, and the logits may change in place before backward, as with torch)
+                one = torch.ones((), dtype=loss_rows.dtype, device=xv.device)
+                scale = _row_grad(one, xv.shape[:-1], float(rows), reduction, None)
+                ctx.fused_dx, _ = ref.ce_prob_grad(xv, target, weight, label_smoothing, z_loss, softcap, scale,
+                                                   xv.dtype, False)
             ctx.save_for_backward(xv, target, weight)
             ent = ref.entropy_rows(ref.capped(xv, softcap)) if with_entropy else xv.new_empty(0, dtype=out_dtype)
             ctx.mark_non_differentiable(lse, ent)
@@ -272,17 +283,21 @@ class CrossEntropyProbFunction(torch.autograd.Function):
         nones = (None,) * 8
         if ctx.kernel:
             return (_ce_prob_kernel_backward(ctx, g), None) + nones
+        if not torch.is_grad_enabled():  # the forward-formed gradient, without unpacking the saved logits
+            dx = _take_ref_fused(ctx, g)
+            if dx is not None:
+                return (dx, None) + nones
         xv, target, weight = ctx.saved_tensors
         return _ce_prob_ref_backward(ctx, xv, target, weight, g) + nones
 
 
 def _ce_prob_kernel_backward(ctx, g: Tensor) -> Tensor:
-    xv, target, weight, denom = ctx.saved_tensors
-    reduction, eps, z_loss, softcap, rows = ctx.opts
     k = _triton()
-    dx = _take_fused(ctx, g, k)
+    dx = _take_fused(ctx, g, k)  # before unpacking the saved logits (see CrossEntropyFunction.backward)
     if dx is not None:
         return dx
+    xv, target, weight, denom = ctx.saved_tensors
+    reduction, eps, z_loss, softcap, rows = ctx.opts
     if torch.is_grad_enabled():
         dx, _ = _ce_prob_ref_backward(ctx, xv, target, weight, g)
         return dx

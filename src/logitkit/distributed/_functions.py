@@ -17,6 +17,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import _validate as check
 from ..autograd.losses import loss_dtype
+from ..reference.losses import cap_slope
 from ..reference.plain import as_rows, iter_row_blocks, working_dtype
 from . import _comm
 from ._stats import ACC, Block, full_d, global_max, global_stats, row_blocks, shifted
@@ -295,7 +296,7 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
                 wl, W, (ignore_index, eps, z_loss, start, size, C),
             )
             if softcap is not None:
-                res.mul_(1.0 - (xw / softcap) ** 2)  # d/dx c tanh(x / c) = 1 - (capped / c)**2
+                res.mul_(cap_slope(as_rows(xv[sl]), softcap, res.dtype))  # d/dx c tanh(x / c), from raw x
             _store(dx[sl], res)
         return (dx,) + (None,) * 9
 
@@ -373,7 +374,7 @@ class VocabParallelCrossEntropyProbFunction(torch.autograd.Function):
                 gr[sl].reshape(-1, 1).to(wd),
             )
             if softcap is not None:
-                res.mul_(1.0 - (xw / softcap) ** 2)  # d/dx c tanh(x / c) = 1 - (capped / c)**2
+                res.mul_(cap_slope(as_rows(xv[sl]), softcap, res.dtype))  # d/dx c tanh(x / c), from raw x
             _store(dx[sl], res)
         return (dx,) + (None,) * 8
 

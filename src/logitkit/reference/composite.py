@@ -144,10 +144,19 @@ def lse(x: Tensor, dim: int, mask: Tensor | None) -> Tensor:
 
 
 def capped(xv: Tensor, softcap: float | None) -> Tensor:
-    """softcap * tanh(x / softcap) in working precision (x itself when softcap is None)."""
+    """softcap * tanh(x / softcap) in working precision (x itself when softcap is None).
+
+    The value is torch.tanh's; the derivative (any order, forward or reverse) comes from
+    (1 - e) / (1 + e), e = exp(-2|u|), whose autograd slope 4 e / (1 + e)^2 has no subtraction: tanh's own
+    1 - tanh^2 cancels where tanh saturates (reference/losses.cap_slope).
+    """
     if softcap is None:
         return xv
-    return torch.tanh(xv.to(working_dtype(xv.dtype)) / softcap) * softcap
+    u = xv.to(working_dtype(xv.dtype)) / softcap
+    ep = torch.exp(-2.0 * u.clamp(min=0.0))  # one branch per sign, so neither exp overflows
+    en = torch.exp(2.0 * u.clamp(max=0.0))
+    smooth = torch.where(u >= 0, (1.0 - ep) / (1.0 + ep), (en - 1.0) / (en + 1.0))
+    return (torch.tanh(u).detach() + (smooth - smooth.detach())) * softcap
 
 
 def _entropy_rows(y: Tensor) -> Tensor:

@@ -5,7 +5,9 @@ Math:     per row a = max(x), r = rest sum (exp(x - a) over all entries but one 
           Class indices: loss = (1 - eps) w_t (L - d_t) + (eps / V) (L W - sum_j w_j d_j) + z lse^2;
           dx_j = s (c1 p_j - (eps / V) w_j) off target, c1 = (1 - eps) w_t + (eps / V) W + 2 z lse;
           at the target hard (p_t - 1) + (c1 - hard) p_t - (eps / V) w_t with hard = (1 - eps) w_t.
-          Softcap: x -> cap tanh(x / cap) on load; the gradient is multiplied by 1 - (x_capped / cap)^2.
+          Softcap: x -> cap tanh(x / cap) on load; the gradient is multiplied by sech^2(x / cap), formed as
+          4 e / (1 + e)^2 with e = exp(-2|x| / cap) from the raw block read again (L1/L2), not as
+          1 - (x_capped / cap)^2, which cancels where tanh saturates.
           Probabilities (y smoothed, wy = w y): loss = L sum(wy) - sum(wy d) + z lse^2; dx = s (c1 p - wy),
           c1 = sum(wy) + 2 z lse.  Selective: out_k = d[i_k] - L; dx = G_match (1 - p) - p (G - G_match).
           Entropy: H = L - sum p d (two non-negative terms); dH/dx = -p (d - L + H).
@@ -50,6 +52,7 @@ from ._lib import (
     TWO_M64,
     chunk_start,
     div_rn,
+    exp_acc,
     exp_scaled,
     log1p_acc,
     merge_state_comp,
@@ -87,6 +90,16 @@ def _load_row_block(x_ptr, cols, mask, cap, HAS_CAP: tl.constexpr):
     if HAS_CAP:
         x = tl.where(mask, cap * tanh_acc(div_rn(x, cap)), float("-inf"))
     return x
+
+
+@triton.jit
+def _cap_slope(x_row, cols, mask, cap):
+    """d/dx cap tanh(x / cap) = sech^2(u) = 4 e / (1 + e)^2 with e = exp(-2|u|), u = x / cap, from the raw
+    logits read again (the block just loaded: an L1/L2 hit, before any gradient store over it): 1 - tanh^2 of
+    the rounded tanh cancels where tanh saturates (100 ulp at u = 3, 0 instead of 4e-8 past u = 9)."""
+    u = div_rn(to_f32(tl.load(x_row + cols, mask=mask, other=0.0)), cap)
+    e = exp_acc(-2.0 * tl.abs(u))
+    return div_rn(4.0 * e, (1.0 + e) * (1.0 + e))
 
 
 @triton.jit
@@ -215,7 +228,7 @@ def _row_coeffs(w_t, W, valid, eps, V, z, lse, HAS_EPS: tl.constexpr, HAS_Z: tl.
 
 
 @triton.jit
-def _ce_block(x, cols, mask, t, valid, a_ref, r, L, w_ptr, c1, hard, eps_over_v, cap,
+def _ce_block(x, x_row, cols, mask, t, valid, a_ref, r, L, w_ptr, c1, hard, eps_over_v, cap,
               HAS_W: tl.constexpr, HAS_EPS: tl.constexpr, HAS_CAP: tl.constexpr, EXACT: tl.constexpr):
     """One block's (unscaled gradient, sum w d, 2**64 sum p d (1 + r)) given the row's final (a, r, L)."""
     hi, lo = _shift(x, a_ref, EXACT)
@@ -240,8 +253,7 @@ def _ce_block(x, cols, mask, t, valid, a_ref, r, L, w_ptr, c1, hard, eps_over_v,
     # 0 * softmax and the reference path
     g = tl.where(valid, g, tl.where(L == L, 0.0, float("nan")))
     if HAS_CAP:
-        q = div_rn(x, cap)
-        g = g * (1.0 - q * q)  # d/dx cap tanh(x / cap) = 1 - tanh^2
+        g = g * _cap_slope(x_row, cols, mask, cap)
     return g, swd, spd
 
 
@@ -302,7 +314,7 @@ def _ce_fwd_kernel(
     swd_c = 0.0
     spd_c = 0.0
     if SINGLE:
-        g, swd, spd = _ce_block(x, cols, mask, t, valid, a_ref, r, L, w_ptr, c1, hard, eps_over_v, cap,
+        g, swd, spd = _ce_block(x, x_row, cols, mask, t, valid, a_ref, r, L, w_ptr, c1, hard, eps_over_v, cap,
                                 HAS_W, HAS_EPS, HAS_CAP, EXACT)
         if WRITE_GRAD:
             tl.store(dx_ptr + row * stride_dx_m + cols, round_to(g * s, dx_ptr.dtype.element_ty), mask=mask)
@@ -313,8 +325,8 @@ def _ce_fwd_kernel(
             cols = chunk_start(0, V, start, BLOCK_V, REVERSE) + tl.arange(0, BLOCK_V)
             mask = cols < V
             x = _load_row_block(x_row, cols, mask, cap, HAS_CAP)
-            g, swd_b, spd_b = _ce_block(x, cols, mask, t, valid, a_ref, r, L, w_ptr, c1, hard, eps_over_v,
-                                        cap, HAS_W, HAS_EPS, HAS_CAP, EXACT)
+            g, swd_b, spd_b = _ce_block(x, x_row, cols, mask, t, valid, a_ref, r, L, w_ptr, c1, hard,
+                                        eps_over_v, cap, HAS_W, HAS_EPS, HAS_CAP, EXACT)
             swd, swd_c = _acc(swd, swd_c, swd_b)
             spd, spd_c = _acc(spd, spd_c, spd_b)
             if WRITE_GRAD:
@@ -355,7 +367,7 @@ def _ce_prob_wy(y_row, w_ptr, cols, mask, eps, V, HAS_W: tl.constexpr, HAS_EPS: 
 
 
 @triton.jit
-def _ce_prob_block(x, wy, mask, a_ref, r, L, c1, cap, HAS_CAP: tl.constexpr, EXACT: tl.constexpr):
+def _ce_prob_block(x, x_row, cols, wy, mask, a_ref, r, L, c1, cap, HAS_CAP: tl.constexpr, EXACT: tl.constexpr):
     hi, lo = _shift(x, a_ref, EXACT)
     p, e = _prob_scaled(hi, lo, r, L)
     d = hi + lo
@@ -364,8 +376,7 @@ def _ce_prob_block(x, wy, mask, a_ref, r, L, c1, cap, HAS_CAP: tl.constexpr, EXA
     spd = _pd_sum(e, d)
     g = c1 * p - wy
     if HAS_CAP:
-        q = div_rn(x, cap)
-        g = g * (1.0 - q * q)
+        g = g * _cap_slope(x_row, cols, mask, cap)
     return g, swyd, spd
 
 
@@ -421,7 +432,7 @@ def _ce_prob_fwd_kernel(
         s = div_rn(s, to_f32(tl.load(denom_ptr)))
 
     if SINGLE:
-        g, swyd, spd = _ce_prob_block(x, wy, mask, a_ref, r, L, c1, cap, HAS_CAP, EXACT)
+        g, swyd, spd = _ce_prob_block(x, x_row, cols, wy, mask, a_ref, r, L, c1, cap, HAS_CAP, EXACT)
         if WRITE_GRAD:
             tl.store(dx_ptr + row * stride_dx_m + cols, round_to(g * s, dx_ptr.dtype.element_ty), mask=mask)
     else:
@@ -434,7 +445,7 @@ def _ce_prob_fwd_kernel(
             mask = cols < V
             xb = _load_row_block(x_row, cols, mask, cap, HAS_CAP)
             wyb = _ce_prob_wy(y_row, w_ptr, cols, mask, eps, V, HAS_W, HAS_EPS)
-            g, swyd_b, spd_b = _ce_prob_block(xb, wyb, mask, a_ref, r, L, c1, cap, HAS_CAP, EXACT)
+            g, swyd_b, spd_b = _ce_prob_block(xb, x_row, cols, wyb, mask, a_ref, r, L, c1, cap, HAS_CAP, EXACT)
             swyd, swyd_c = _acc(swyd, swyd_c, swyd_b)
             spd, spd_c = _acc(spd, spd_c, spd_b)
             if WRITE_GRAD:

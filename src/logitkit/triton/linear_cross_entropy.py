@@ -200,7 +200,7 @@ def _lce_grad_kernel(
         mask = cols < n
         x = _load_row_block(x_row, cols, mask, cap, HAS_CAP)
         # the block's own column numbering: the target is t - v0 there (outside [0, n) when elsewhere)
-        g, _, _ = _ce_block(x, cols, mask, t - v0, valid, a_ref, R, L, w_blk, c1, hard, eps_over_v, cap,
+        g, _, _ = _ce_block(x, x_row, cols, mask, t - v0, valid, a_ref, R, L, w_blk, c1, hard, eps_over_v, cap,
                             HAS_W, HAS_EPS, HAS_CAP, EXACT)
         tl.store(x_row + cols, round_to(g * s, x_ptr.dtype.element_ty), mask=mask)
 

@@ -322,6 +322,29 @@ def _ce_cap_sat(ctx):
     return out
 
 
+@case("float64_probabilities_widen_the_loss")
+def _prob_f64(ctx):
+    """float32 logits (or hidden states) with float64 class probabilities: a float64 loss, as the single-device
+    ops and torch; cross_entropy computes it in float64 (1e-12 of the single process), linear_cross_entropy
+    widens its float32 loss."""
+    out = {}
+    sizes = SPLITS[ctx.world][0]
+    V = sum(sizes)
+    x = _logits("p64", 5, V, F64).to(F32)
+    q = torch.softmax(torch.randn(5, V, generator=_gen("p64q"), dtype=F64), -1)
+    y = lkd.cross_entropy(ctx.split(x, sizes), ctx.split(q, sizes))
+    ref = logitkit.cross_entropy(x, q)
+    out["ce dtype"] = float(y.dtype != F64 or ref.dtype != F64)
+    out["ce value"] = err(y, ref)
+    h = torch.randn(5, 4, generator=_gen("p64h"), dtype=F64).to(F32)
+    W = torch.randn(V, 4, generator=_gen("p64w"), dtype=F64).to(F32)
+    z = lkd.linear_cross_entropy(h, ctx.split(W, sizes, 0), ctx.split(q, sizes))
+    zref = logitkit.linear_cross_entropy(h, W, q)
+    out["lce dtype"] = float(z.dtype != F64 or zref.dtype != F64)
+    out["lce value"] = abs(z.item() - zref.item()) / (abs(zref.item()) * 8 * 2.0**-24)
+    return out
+
+
 @case("cross_entropy_vocab_start")
 def _ce_vs(ctx):
     out = {}

@@ -324,4 +324,6 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     loss = VocabParallelLinearCrossEntropyFunction.apply(
         h2, wt, b, t2, prob, cw, ii, red, eps, chunk, shard, group, bool(reduce_input_grad)
     )
+    if prob:  # float64 probabilities: a float64 loss, as the single-device op (and torch)
+        loss = loss.to(torch.promote_types(loss.dtype, t2.dtype))
     return loss.reshape(h.shape[:-1]) if red == "none" else loss

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import _validate as check
+from ..autograd.losses import loss_dtype
 from ._comm import shard_of
 from ._functions import (
     VocabParallelCrossEntropyFunction,
@@ -165,6 +166,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
         # class probabilities: this rank's (*, V_local) slice of them, like the logits
         q = target.to_local() if hasattr(target, "to_local") else target
         check.prob_target(x, q)
+        wide = torch.promote_types(loss_dtype(x.dtype), q.dtype)
+        if wide != loss_dtype(x.dtype):  # float64 probabilities: computed in float64, as the single-device op
+            x = x.to(wide)
         if q.requires_grad:
             raise ValueError("vocab-parallel cross_entropy does not differentiate with respect to probability targets")
         shard = shard_of(group, x.shape[cdim], vocab_start)

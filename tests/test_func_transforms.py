@@ -373,3 +373,37 @@ def test_compiled_transforms_fullgraph():
     torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(X), f(X), **TOL[F64])
     v = vmap(lambda x: logitkit.log_softmax(x, -1))
     torch.testing.assert_close(torch.compile(v, fullgraph=True, backend="aot_eager")(XB), v(XB), **TOL[F64])
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("name", list(ops(F64)))
+def test_forward_ad_outside_torch_func(name, dtype):
+    """torch.autograd.forward_ad (make_dual in a dual_level, no torch.func): a dual input takes the composite
+    path, whose tangent matches the ordinary path's Jacobian-vector product (built from autograd's vjps)."""
+    import torch.autograd.forward_ad as fwAD
+
+    fn = ops(dtype)[name]
+    x = X.to(dtype)
+    v = torch.linspace(-1.0, 1.0, x.numel(), dtype=dtype).reshape(x.shape)
+    xr = x.clone().requires_grad_()
+    y = fn(xr)
+    rows = [torch.autograd.grad(y, xr, e.reshape(y.shape), retain_graph=True)[0].reshape(-1)
+            for e in torch.eye(y.numel(), dtype=y.dtype)]  # the Jacobian, one vjp per output entry
+    want = (torch.stack(rows).double() @ v.reshape(-1).double()).reshape(y.shape)
+    with fwAD.dual_level():
+        out = fwAD.unpack_dual(fn(fwAD.make_dual(x, v)))
+    assert out.tangent is not None and out.tangent.dtype == y.dtype
+    torch.testing.assert_close(out.primal, y.detach(), **TOL[dtype])
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(out.tangent.double()[finite], want[finite], **TOL[dtype])
+
+
+def test_forward_ad_level_alone_keeps_the_ordinary_path():
+    """Inside a dual level, inputs without a tangent still take the autograd.Functions."""
+    import torch.autograd.forward_ad as fwAD
+
+    x = X.float().requires_grad_()
+    with fwAD.dual_level():
+        assert not _config.transforms_active(x, T)
+        assert type(logitkit.cross_entropy(x, T).grad_fn).__name__ == "CrossEntropyFunctionBackward"
+        assert _config.transforms_active(x, fwAD.make_dual(X, X))

@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterator
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -84,10 +85,18 @@ def wants_triton(device_type: str, backend: str | None = None) -> bool:
     return True
 
 
-def transforms_active() -> bool:
-    """Whether a torch.func transform (grad, vjp, jacrev, jacfwd, vmap, ...) is active around this call.
+def transforms_active(*tensors) -> bool:
+    """Whether the ops must take the composite path: a torch.func transform (grad, vjp, jacrev, jacfwd, vmap,
+    ...) is active around this call, or one of ``tensors`` carries a forward-mode tangent
+    (``torch.autograd.forward_ad.make_dual`` inside a ``dual_level``), which the autograd.Functions have no
+    jvp rule for.
 
-    The same test ``torch.autograd.Function.apply`` makes before taking functorch's route; torch.compile
-    folds it to a constant (no graph break), and it is False while AOTAutograd traces an ordinary graph.
+    The first is the test ``torch.autograd.Function.apply`` makes before taking functorch's route; torch.compile
+    folds it to a constant (no graph break), and it is False while AOTAutograd traces an ordinary graph. The
+    second looks at the tensors only while a dual level is open (never in ordinary training).
     """
-    return torch._C._are_functorch_transforms_active()
+    if torch._C._are_functorch_transforms_active():
+        return True
+    if _forward_ad._current_level < 0:
+        return False
+    return any(isinstance(t, torch.Tensor) and _forward_ad.unpack_dual(t).tangent is not None for t in tensors)

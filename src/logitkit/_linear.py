@@ -121,7 +121,8 @@ def _run(input, linear_weight, target, linear_bias, weight, reduction, ignore_in
     out_dtype = working_dtype(x.dtype)
     # As torch: float64 probabilities make a float64 loss (computed in working precision, then widened).
     loss_out = torch.promote_types(out_dtype, t2.dtype) if prob else out_dtype
-    if _config.transforms_active():  # torch.func: through the (M, V) logits, no chunks, no memory saving
+    # torch.func or forward AD: through the (M, V) logits, no chunks, no memory saving
+    if _config.transforms_active(x2, linear_weight, linear_bias, t2):
         loss, lse, ent = composite.linear_ce(x2, linear_weight, linear_bias, t2, w, ii, red, eps, z, cap, prob,
                                              entropy)
         loss = loss.reshape(lead) if red == "none" else loss

@@ -46,7 +46,7 @@ def _normalize(name: str, input, dim, stacklevel: int, dtype, mask, log: bool) -
     x = check.float_input("input", input, dtype)
     d = check.dim(dim, x.dim())
     m = check.mask(mask, x)
-    if _config.transforms_active():
+    if _config.transforms_active(x):
         if x.dim() == 0:
             return composite.normalize(x.reshape(1), 0, None if m is None else m.reshape(1), log).reshape(())
         return composite.normalize(x, d, m, log)
@@ -114,7 +114,7 @@ def _logsumexp(input: Tensor, dim, keepdim: bool, mask: Tensor | None) -> Tensor
         range(x.dim())
     )
     m = check.mask(mask, x)
-    transformed = _config.transforms_active()
+    transformed = _config.transforms_active(x)
     use_triton = not transformed and _config.wants_triton(x.device.type)
 
     def one_dim(x: Tensor, d: int, m: Tensor | None) -> Tensor:  # lse over one dim, kept as size 1
@@ -184,7 +184,7 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
         check.class_target_shape(x, target, cdim)
         check.target_range(target, C, ignore_index)
     xv = x.movedim(cdim, -1)
-    if _config.transforms_active():  # inplace_backward has no effect here (nothing is formed in forward)
+    if _config.transforms_active(x, target):  # inplace_backward has no effect here (nothing is formed in forward)
         if prob:
             return composite.ce_prob(xv, target.movedim(cdim, -1), w, red, eps, z, cap, with_entropy)
         return composite.ce_index(xv, target.long(), w, ignore_index, red, eps, z, cap, with_entropy)
@@ -282,7 +282,7 @@ def selective_log_softmax(input: Tensor, index: Tensor, dim: int = -1) -> Tensor
     idx = check.index_tensor(x, index, d)
     if x.shape[d] == 0:
         return torch.empty(idx.shape, dtype=x.dtype, device=x.device)
-    if _config.transforms_active():
+    if _config.transforms_active(x):
         return composite.selective(x.movedim(d, -1), idx.long().movedim(d, -1)).movedim(-1, d)
     use_triton = _config.wants_triton(x.device.type)
     out = SelectiveLogSoftmaxFunction.apply(x.movedim(d, -1), idx.long().movedim(d, -1), use_triton)
@@ -299,7 +299,7 @@ def entropy(input: Tensor, dim: int = -1) -> Tensor:
     if x.dim() == 0:
         return torch.zeros((), dtype=loss_dtype(x.dtype), device=x.device) + 0.0 * x
     d = check.dim(dim, x.dim())
-    if _config.transforms_active():
+    if _config.transforms_active(x):
         return composite.entropy(x.movedim(d, -1))
     return EntropyFunction.apply(x.movedim(d, -1), _config.wants_triton(x.device.type))
 

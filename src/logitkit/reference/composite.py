@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .plain import working_dtype
+from .plain import LN2_64_HI, LN2_64_LO, working_dtype
 
 
 class Rows(NamedTuple):
@@ -83,7 +83,16 @@ def rows(xv: Tensor, mv: Tensor | None = None, masked: bool = False) -> Rows:
         e = torch.where(torch.isfinite(a), e + e * lo, e)
     others = torch.arange(x.shape[-1], device=x.device) != k
     # The rest sum leaves out the max's exp(0) = 1, so nothing small is lost against it.
-    s = torch.where(others, e, 0.0).sum(-1, keepdim=True)
+    if wd == torch.float32:
+        # Terms below exp(-80) keep a few bits in float32 (the underflow edge): formed scaled by 2**64 and summed
+        # apart, as plain.row_stats (exact shift by 64 ln 2's fp32 head, its remainder in the correction).
+        deep = d.detach() < -80.0
+        es = torch.exp(torch.where(deep, d + LN2_64_HI, -math.inf))
+        es = es + es * (LN2_64_LO if lo is None else lo + LN2_64_LO)
+        e = torch.where(deep, es * 2.0**-64, e)
+        s = torch.where(others & ~deep, e, 0.0).sum(-1, keepdim=True) + es.sum(-1, keepdim=True) * 2.0**-64
+    else:
+        s = torch.where(others, e, 0.0).sum(-1, keepdim=True)
     d_k = d.gather(-1, k)  # exactly 0 where the max is finite (-inf, +inf or NaN on the special rows)
     r = s + torch.expm1(d_k)
     r_k = s * torch.exp(-d_k)

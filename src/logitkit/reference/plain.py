@@ -162,8 +162,8 @@ def two_diff(x: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
 
 
 # 64 ln 2 as an fp32 head (a multiple of 2**-18, so hi + head is exact for fp32 |hi| >= 64) and its remainder.
-_LN2_64_HI = 44.361419677734375
-_LN2_64_LO = -1.2189787668148710e-07
+LN2_64_HI = 44.361419677734375
+LN2_64_LO = -1.2189787668148710e-07
 
 
 @torch.no_grad()
@@ -204,8 +204,8 @@ def row_stats(x2: Tensor, mask2: Tensor | None, masked: bool, ws: Workspace | No
         # is exact for |hi| >= 64, the constant's low part joins the first-order correction) and summed apart;
         # e keeps exp(d) rounded once from the scaled value (es is 0 off the deep entries).
         deep = d_hi < -80.0
-        lo = _LN2_64_LO if d_lo is None else d_lo + _LN2_64_LO
-        es = torch.exp(torch.where(deep, d_hi + _LN2_64_HI, -math.inf))
+        lo = LN2_64_LO if d_lo is None else d_lo + LN2_64_LO
+        es = torch.exp(torch.where(deep, d_hi + LN2_64_HI, -math.inf))
         es = es + es * lo
         e = torch.where(deep, es * 2.0**-64, e)
         e_norm = torch.where(deep, 0.0, e)

@@ -345,6 +345,30 @@ def _prob_f64(ctx):
     return out
 
 
+@case("underflow_edge_rows")
+def _underflow(ctx):
+    """Rows whose rest lies at fp32's underflow edge (d near -104, where exp(d) keeps a few bits unscaled):
+    log_softmax, logsumexp and cross_entropy within NUMERICS.md's targets of a float64 oracle (terms below
+    exp(-80) are summed scaled by 2**64); linear_cross_entropy through an identity classifier as well."""
+    from logitkit.reference import oracle
+
+    out = {}
+    sizes = SPLITS[ctx.world][0]
+    V = sum(sizes)
+    x = dict(oracle.input_families(F32, V, 6, seed=3))["underflow_edge"]
+    t = x.argmax(dim=1)
+    y = lkd.log_softmax(ctx.split(x, sizes), -1)
+    out["log_softmax"] = float(oracle.ulp_error(y, ctx.split(oracle.log_softmax(x, -1), sizes), F32).max()) / 2.0
+    lse = lkd.logsumexp(ctx.split(x, sizes), -1)
+    out["logsumexp"] = float(oracle.lse_error(lse, oracle.logsumexp(x, -1), x, -1).max()) / 2.0
+    ce = lkd.cross_entropy(ctx.split(x, sizes), t, reduction="none")
+    out["cross_entropy"] = float(oracle.ulp_error(ce, oracle.cross_entropy(x, t, reduction="none"), F32).max()) / 2.0
+    lce = lkd.linear_cross_entropy(x, torch.eye(V)[sum(sizes[: ctx.rank]):][: sizes[ctx.rank]], t, reduction="none")
+    out["linear_cross_entropy"] = float(
+        oracle.ulp_error(lce, oracle.cross_entropy(x, t, reduction="none"), F32).max()) / 2.0
+    return out
+
+
 @case("cross_entropy_vocab_start")
 def _ce_vs(ctx):
     out = {}

@@ -22,22 +22,30 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..reference.plain import as_rows, iter_row_blocks, two_diff, working_dtype
+from ..reference.plain import as_rows, deep_terms, iter_row_blocks, two_diff, working_dtype
 from . import _comm
 
 ACC = torch.float64  # dtype of partial sums on the wire: exact enough that only the order differs
 
 
-def shifted(xw: Tensor, a: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
-    """(d_hi, d_lo, exp(d)) of a working-precision (R, V) block shifted by a (R, 1), as plain.row_stats."""
+def shifted_parts(xw: Tensor, a: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+    """(d_hi, d_lo, exp(d), deep) of a working-precision (R, V) block shifted by a (R, 1), as plain.row_stats;
+    for float32 work ``deep`` is plain.deep_terms' 2**64 exp(d) of the entries below exp(-80) (0 elsewhere),
+    whose exp(d) in the third tensor is rounded once from it; None for float64."""
     a_safe = torch.where(torch.isinf(a), torch.zeros_like(a), a)
     if xw.dtype == torch.float32:
         d_hi, d_lo = two_diff(xw, a_safe)
         e = torch.exp(d_hi)
         e.addcmul_(e, d_lo)  # exp(hi + lo) = exp(hi) (1 + lo) to first order: the shift loses nothing
-        return d_hi, d_lo, e
+        deep, es = deep_terms(d_hi, d_lo)
+        return d_hi, d_lo, torch.where(deep, es * 2.0**-64, e), es
     d_hi = xw - a_safe
-    return d_hi, None, torch.exp(d_hi)
+    return d_hi, None, torch.exp(d_hi), None
+
+
+def shifted(xw: Tensor, a: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(d_hi, d_lo, exp(d)) of ``shifted_parts``."""
+    return shifted_parts(xw, a)[:3]
 
 
 def full_d(d_hi: Tensor, d_lo: Tensor | None) -> Tensor:
@@ -142,7 +150,7 @@ def global_stats(
     if V > 0:
         for sl, xw in prepare(xv, mv, cap):
             a2 = a[sl].reshape(-1, 1)
-            d_hi, d_lo, e = shifted(xw, a2)
+            d_hi, d_lo, e, es = shifted_parts(xw, a2)
             blk = Block(sl, xw, d_hi, d_lo, e)
             out = cols[sl]
             if hook is not None:
@@ -152,7 +160,11 @@ def global_stats(
             # Drop the max's own exp(0) = 1 on the rank(s) holding the global max: the rest sum keeps
             # everything that 1 + r would round away.
             rest = e.scatter(1, idx, torch.where(h2, torch.zeros_like(h2, dtype=e.dtype), e.gather(1, idx)))
-            out[..., 0] = rest.sum(dim=1, dtype=ACC).view(out.shape[:-1])
+            if es is None:
+                out[..., 0] = rest.sum(dim=1, dtype=ACC).view(out.shape[:-1])
+            else:  # the deep terms (never the max) summed scaled, as plain.row_stats
+                rs = torch.where(es > 0, 0.0, rest).sum(dim=1, dtype=ACC) + es.sum(dim=1, dtype=ACC) * 2.0**-64
+                out[..., 0] = rs.view(out.shape[:-1])
     if n_s:
         buf[buf.numel() - n_s :] = scalars.to(ACC)
     _comm.all_reduce(buf, "sum", group)

@@ -166,6 +166,20 @@ LN2_64_HI = 44.361419677734375
 LN2_64_LO = -1.2189787668148710e-07
 
 
+def deep_terms(d_hi: Tensor, d_lo: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(deep, 2**64 exp(d) on the deep entries and 0 elsewhere) of a float32 shift d = d_hi (+ d_lo).
+
+    The underflow edge: exp(d) for d < -80 is near or below fp32's normal range, where it keeps few bits
+    (exp(-104) has one). Formed scaled, 2**64 exp(d) = exp(d + 64 ln 2) (hi + LN2_64_HI is exact for
+    |hi| >= 64, the constant's low part joins the first-order correction), such terms are summed apart and
+    scaled back once; an entry's own exp(d) is then rounded once from the scaled value.
+    """
+    deep = d_hi < -80.0
+    lo = LN2_64_LO if d_lo is None else d_lo + LN2_64_LO
+    es = torch.exp(torch.where(deep, d_hi + LN2_64_HI, -math.inf))
+    return deep, es + es * lo
+
+
 @torch.no_grad()
 def row_stats(x2: Tensor, mask2: Tensor | None, masked: bool, ws: Workspace | None = None) -> Stats:
     """(max, rest-sum) statistics of each row of a contiguous (R, V) block, V >= 1.
@@ -199,14 +213,7 @@ def row_stats(x2: Tensor, mask2: Tensor | None, masked: bool, ws: Workspace | No
         torch.exp(d_hi, out=e)
     es = None  # 2**64 exp(d) of the deep entries (float32 work)
     if wd == torch.float32:
-        # The underflow edge: exp(d) for d < -80 is near or below fp32's normal range, where it keeps few bits
-        # (exp(-104) has one). Those terms are formed scaled, 2**64 exp(d) = exp(d + 64 ln 2) (hi + 44.36...
-        # is exact for |hi| >= 64, the constant's low part joins the first-order correction) and summed apart;
-        # e keeps exp(d) rounded once from the scaled value (es is 0 off the deep entries).
-        deep = d_hi < -80.0
-        lo = LN2_64_LO if d_lo is None else d_lo + LN2_64_LO
-        es = torch.exp(torch.where(deep, d_hi + LN2_64_HI, -math.inf))
-        es = es + es * lo
+        deep, es = deep_terms(d_hi, d_lo)
         e = torch.where(deep, es * 2.0**-64, e)
         e_norm = torch.where(deep, 0.0, e)
     else:

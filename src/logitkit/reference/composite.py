@@ -90,7 +90,10 @@ def rows(xv: Tensor, mv: Tensor | None = None, masked: bool = False) -> Rows:
         es = torch.exp(torch.where(deep, d + LN2_64_HI, -math.inf))
         es = es + es * (LN2_64_LO if lo is None else lo + LN2_64_LO)
         e = torch.where(deep, es * 2.0**-64, e)
-        s = torch.where(others & ~deep, e, 0.0).sum(-1, keepdim=True) + es.sum(-1, keepdim=True) * 2.0**-64
+        # summed in float64 where the device has it (not MPS), as plain.row_stats: the terms the only roundings
+        acc = torch.float64 if x.device.type != "mps" else wd
+        s = (torch.where(others & ~deep, e, 0.0).sum(-1, keepdim=True, dtype=acc)
+             + es.sum(-1, keepdim=True, dtype=acc) * 2.0**-64).to(wd)
     else:
         s = torch.where(others, e, 0.0).sum(-1, keepdim=True)
     d_k = d.gather(-1, k)  # exactly 0 where the max is finite (-inf, +inf or NaN on the special rows)

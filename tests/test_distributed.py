@@ -831,3 +831,19 @@ if __name__ == "__main__":  # calibration: print every case's worst errors
                 else:
                     for k, v in sorted(val.items(), key=lambda kv: -kv[1])[:3]:
                         print(world, rank, name, f"{v:.3g} at {k}")
+
+
+# torch's forward-mode decompositions (loaded on the first make_dual) call torch.jit.script, deprecated in 2.13.
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_transforms_and_forward_ad_are_refused_clearly():
+    """No composite path for the vocab-parallel ops: torch.func and forward AD raise NotImplementedError naming
+    the alternative, before any collective (no process group is needed to see it)."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, t, W = torch.randn(3, 5), torch.tensor([0, 1, 2]), torch.randn(4, 5)
+    for f in (lambda v: lkd.log_softmax(v, -1), lambda v: lkd.logsumexp(v, -1), lambda v: lkd.entropy(v),
+              lambda v: lkd.cross_entropy(v, t), lambda v: lkd.linear_cross_entropy(v, W, t)):
+        with pytest.raises(NotImplementedError, match="torch.func"):
+            torch.func.grad(lambda v: f(v).sum())(x)
+        with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):
+            f(fwAD.make_dual(x, torch.ones_like(x)))

@@ -31,7 +31,7 @@ from ..reference.plain import working_dtype
 from . import _comm
 from ._functions import _local_target, ce_block_grad, check_classes, local_class_weight, prob_block_grad
 from ._stats import ACC, full_d, shifted_parts
-from .functional import _replicated, class_weight_arg, unwrap
+from .functional import _replicated, class_weight_arg, no_transforms, unwrap
 
 DEFAULT_CHUNK = 1024  # tokens per chunk at most: T * V_local working-precision logits live at a time
 CHUNK_ELEMS = 1 << 22  # ... and T * V_local at most this (16 MiB of fp32 per temporary; ~8 temporaries live)
@@ -275,6 +275,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     input gradient, for callers whose tensor-parallel region reduces it already (each rank then holds its
     shard's partial gradient).
     """
+    no_transforms(input)
     h = _replicated(input)
     wt, group, _ = unwrap(linear_weight, group, lambda n: 0)  # a DTensor weight is sharded on its rows
     check.tensor("input", h)

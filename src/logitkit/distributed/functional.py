@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .. import _config
 from .. import _validate as check
 from ..autograd.losses import loss_dtype
 from ._comm import shard_of
@@ -43,8 +44,19 @@ def _dtensor_type():
     return DTensor
 
 
+def no_transforms(*tensors) -> None:
+    """The vocab-parallel ops have no composite path: refuse torch.func transforms and forward-mode AD clearly
+    (the autograd.Functions would fail inside torch with a setup_context / jvp message)."""
+    if _config.transforms_active(*tensors):
+        raise NotImplementedError(
+            "logitkit.distributed ops do not support torch.func transforms (grad, vmap, ...) or forward-mode AD "
+            "(forward_ad.make_dual): use reverse-mode autograd (loss.backward()), or the single-device logitkit ops"
+        )
+
+
 def unwrap(input, group, cdim_of: Callable[[int], int]):
     """(local tensor, group, rewrap) for a plain tensor or a DTensor sharded on its class dimension."""
+    no_transforms(input)
     DTensor = _dtensor_type()
     if DTensor is None or not isinstance(input, DTensor):
         return input, group, None

@@ -784,6 +784,21 @@ SPAWN_TIMEOUT_S = 300
 
 
 def spawn(world: int, names: list[str]) -> dict:
+    """Run the cases on ``world`` ranks. A rank killed by a signal (a SIGABRT was seen once, cause not found and
+    not reproduced in 11 reruns; one candidate is _free_port's port being taken between its probe and the
+    bind) gets one retry on a fresh port; a second crash fails, and case failures are never retried."""
+    try:
+        return _spawn_once(world, names)
+    except mp.ProcessExitedException as e:
+        if e.signal_name is None:
+            raise
+        import warnings
+
+        warnings.warn(f"a {world}-rank world crashed ({e}); retrying once on a fresh port", stacklevel=2)
+        return _spawn_once(world, names)
+
+
+def _spawn_once(world: int, names: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as d:
         procs = mp.spawn(run_worker, args=(world, _free_port(), d, names), nprocs=world, join=False)
         deadline = time.monotonic() + SPAWN_TIMEOUT_S

@@ -9,6 +9,7 @@ subtraction either); fp32 gradients must match it elementwise to a few ulp while
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -54,22 +55,16 @@ def _rel_ulps(got, want):
     return ((got.double() - want).abs() / scale / ULP).max().item()
 
 
-class _backend:
-    def __init__(self, name):
-        self.name = name
+@contextlib.contextmanager
+def _backend(name):
+    """'reference', or the kernels with rows in one block ('triton') or looped over blocks of 8 ('triton_looped')."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(lk.use_backend("reference" if name == "reference" else "triton"))
+        if name != "reference":
+            from logitkit.triton import _tuning  # only with triton installed, which BACKENDS implies for kernels
 
-    def __enter__(self):
-        from logitkit.triton import _tuning  # only with triton installed, which BACKENDS implies for kernels
-
-        self.stack = [lk.use_backend("reference" if self.name == "reference" else "triton")]
-        if self.name != "reference":
-            self.stack.append(_tuning.force_cross_entropy(8 if self.name == "triton_looped" else 1 << 16))
-        for c in self.stack:
-            c.__enter__()
-
-    def __exit__(self, *exc):
-        for c in reversed(self.stack):
-            c.__exit__(*exc)
+            stack.enter_context(_tuning.force_cross_entropy(8 if name == "triton_looped" else 1 << 16))
+        yield
 
 
 def test_torch_cancels_here():

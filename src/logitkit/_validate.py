@@ -47,16 +47,20 @@ def float_input(name: str, x: Tensor, dtype: torch.dtype | None) -> Tensor:
     return x
 
 
-def dim(d: object, ndim: int, name: str = "dim") -> int:
-    """Normalise a dimension index like torch (0-d tensors accept 0 and -1); any integer with ``__index__``
-    (NumPy integers, a one-element integer tensor) counts, as for torch, but not bool."""
-    if isinstance(d, bool):
-        raise TypeError(f"{name} must be an int, got {type(d).__name__}")
-    if not isinstance(d, int):
+def int_like(name: str, v: object, expected: str = "an int") -> int:
+    """An int as torch's argument parser takes one: anything with ``__index__`` (NumPy integers, a one-element
+    integer tensor), but not bool."""
+    if not isinstance(v, bool):
         try:
-            d = operator.index(d)
+            return operator.index(v)
         except TypeError:
-            raise TypeError(f"{name} must be an int, got {type(d).__name__}") from None
+            pass
+    raise TypeError(f"{name} must be {expected}, got {type(v).__name__}")
+
+
+def dim(d: object, ndim: int, name: str = "dim") -> int:
+    """Normalise a dimension index like torch (0-d tensors accept 0 and -1); integers as ``int_like``."""
+    d = int_like(name, d)
     n = max(ndim, 1)
     if not -n <= d < n:
         raise IndexError(f"Dimension out of range (expected to be in range of [{-n}, {n - 1}], but got {d})")
@@ -206,15 +210,10 @@ def target_range(target: Tensor, C: int, ignore_index: int) -> None:
 
 
 def ignore_index(v: object, allow_none: bool = False) -> int | None:
-    """An int (anything with ``__index__`` but bool, as torch's argument parser), or None where allowed."""
+    """An int (as ``int_like``), or None where allowed."""
     if v is None and allow_none:
         return None
-    if not isinstance(v, bool):
-        try:
-            return operator.index(v)
-        except TypeError:
-            pass
-    raise TypeError(f"ignore_index must be an int{' or None' if allow_none else ''}, got {type(v).__name__}")
+    return int_like("ignore_index", v, "an int or None" if allow_none else "an int")
 
 
 def no_ignore_index_for_probs(ignore_index: int) -> None:

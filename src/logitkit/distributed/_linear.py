@@ -30,7 +30,7 @@ from ..autograd.losses import loss_dtype
 from ..reference.plain import working_dtype
 from . import _comm
 from ._functions import _local_target, ce_block_grad, check_classes, local_class_weight, prob_block_grad
-from ._stats import ACC, full_d, shifted_parts
+from ._stats import ACC, full_d, rest_sum, shifted_parts
 from .functional import _replicated, class_weight_arg, no_transforms, unwrap
 
 DEFAULT_CHUNK = 1024  # tokens per chunk at most: T * V_local working-precision logits live at a time
@@ -65,12 +65,9 @@ def _local_terms(h, w_loc, b_loc, target, prob, has_w, cwl, start, ignore_index,
         a_loc[sl] = am.squeeze(1)
         d_hi, d_lo, e, es = shifted_parts(z, am)
         # The local rest sum: this shard's max is dropped here and added back by the merge below; terms below
-        # exp(-80) are summed scaled by 2**64 (_stats.shifted_parts).
+        # exp(-80) are summed scaled by 2**64 (_stats.rest_sum).
         e.scatter_(1, idx, 0.0)
-        if es is None:
-            cols[sl, 0] = e.sum(dim=1, dtype=ACC)
-        else:
-            cols[sl, 0] = torch.where(es > 0, 0.0, e).sum(dim=1, dtype=ACC) + es.sum(dim=1, dtype=ACC) * 2.0**-64
+        cols[sl, 0] = rest_sum(e, es)
         if prob and weighted:
             q = target[sl].to(wd)
             wq = q * cwl if has_w else q

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..reference.plain import as_rows, deep_terms, iter_row_blocks, two_diff, working_dtype
+from ..reference.plain import as_rows, exp_and_deep, iter_row_blocks, two_diff, working_dtype
 from . import _comm
 
 ACC = torch.float64  # dtype of partial sums on the wire: exact enough that only the order differs
@@ -35,10 +35,8 @@ def shifted_parts(xw: Tensor, a: Tensor) -> tuple[Tensor, Tensor | None, Tensor,
     a_safe = torch.where(torch.isinf(a), torch.zeros_like(a), a)
     if xw.dtype == torch.float32:
         d_hi, d_lo = two_diff(xw, a_safe)
-        e = torch.exp(d_hi)
-        e.addcmul_(e, d_lo)  # exp(hi + lo) = exp(hi) (1 + lo) to first order: the shift loses nothing
-        deep, es = deep_terms(d_hi, d_lo)
-        return d_hi, d_lo, torch.where(deep, es * 2.0**-64, e), es
+        e, es = exp_and_deep(d_hi, d_lo)  # exp(hi) (1 + lo) to first order: the shift loses nothing
+        return d_hi, d_lo, e, es
     d_hi = xw - a_safe
     return d_hi, None, torch.exp(d_hi), None
 
@@ -46,6 +44,13 @@ def shifted_parts(xw: Tensor, a: Tensor) -> tuple[Tensor, Tensor | None, Tensor,
 def shifted(xw: Tensor, a: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
     """(d_hi, d_lo, exp(d)) of ``shifted_parts``."""
     return shifted_parts(xw, a)[:3]
+
+
+def rest_sum(rest: Tensor, es: Tensor | None) -> Tensor:
+    """Row sums (ACC) of the rest terms ``rest`` (R, V), the deep ones from their scaled ``es`` when given."""
+    if es is None:
+        return rest.sum(dim=1, dtype=ACC)
+    return torch.where(es > 0, 0.0, rest).sum(dim=1, dtype=ACC) + es.sum(dim=1, dtype=ACC) * 2.0**-64
 
 
 def full_d(d_hi: Tensor, d_lo: Tensor | None) -> Tensor:
@@ -160,11 +165,7 @@ def global_stats(
             # Drop the max's own exp(0) = 1 on the rank(s) holding the global max: the rest sum keeps
             # everything that 1 + r would round away.
             rest = e.scatter(1, idx, torch.where(h2, torch.zeros_like(h2, dtype=e.dtype), e.gather(1, idx)))
-            if es is None:
-                out[..., 0] = rest.sum(dim=1, dtype=ACC).view(out.shape[:-1])
-            else:  # the deep terms (never the max) summed scaled, as plain.row_stats
-                rs = torch.where(es > 0, 0.0, rest).sum(dim=1, dtype=ACC) + es.sum(dim=1, dtype=ACC) * 2.0**-64
-                out[..., 0] = rs.view(out.shape[:-1])
+            out[..., 0] = rest_sum(rest, es).view(out.shape[:-1])  # deep terms (never the max) scaled
     if n_s:
         buf[buf.numel() - n_s :] = scalars.to(ACC)
     _comm.all_reduce(buf, "sum", group)

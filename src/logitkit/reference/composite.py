@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .plain import LN2_64_HI, LN2_64_LO, working_dtype
+from .plain import deep_terms, rest_sum_dtype, working_dtype
 
 
 class Rows(NamedTuple):
@@ -85,13 +85,10 @@ def rows(xv: Tensor, mv: Tensor | None = None, masked: bool = False) -> Rows:
     # The rest sum leaves out the max's exp(0) = 1, so nothing small is lost against it.
     if wd == torch.float32:
         # Terms below exp(-80) keep a few bits in float32 (the underflow edge): formed scaled by 2**64 and summed
-        # apart, as plain.row_stats (exact shift by 64 ln 2's fp32 head, its remainder in the correction).
-        deep = d.detach() < -80.0
-        es = torch.exp(torch.where(deep, d + LN2_64_HI, -math.inf))
-        es = es + es * (LN2_64_LO if lo is None else lo + LN2_64_LO)
+        # apart (plain.deep_terms, whose ops autograd and vmap go through), in float64 where available.
+        deep, es = deep_terms(d, lo)
         e = torch.where(deep, es * 2.0**-64, e)
-        # summed in float64 where the device has it (not MPS), as plain.row_stats: the terms the only roundings
-        acc = torch.float64 if x.device.type != "mps" else wd
+        acc = rest_sum_dtype(wd, x.device)
         s = (torch.where(others & ~deep, e, 0.0).sum(-1, keepdim=True, dtype=acc)
              + es.sum(-1, keepdim=True, dtype=acc) * 2.0**-64).to(wd)
     else:

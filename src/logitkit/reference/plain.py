@@ -180,6 +180,27 @@ def deep_terms(d_hi: Tensor, d_lo: Tensor | None) -> tuple[Tensor, Tensor]:
     return deep, es + es * lo
 
 
+def exp_and_deep(d_hi: Tensor, d_lo: Tensor | None) -> tuple[Tensor, Tensor]:
+    """One exp pass for a float32 shift: (exp(d), ``deep_terms``' 2**64 exp(d) on the deep entries, 0 elsewhere).
+
+    exp(d) is exp(hi) (1 + lo) to first order (just exp(hi) without ``d_lo``), and on the deep entries the
+    scaled value times 2**-64, rounded once.
+    """
+    deep = d_hi < -80.0
+    ez = torch.exp(torch.where(deep, d_hi + LN2_64_HI, d_hi))
+    if d_lo is None:
+        ez = torch.where(deep, ez + ez * LN2_64_LO, ez)
+    else:
+        ez = ez + ez * torch.where(deep, d_lo + LN2_64_LO, d_lo)
+    return torch.where(deep, ez * 2.0**-64, ez), torch.where(deep, ez, 0.0)
+
+
+def rest_sum_dtype(wd: torch.dtype, device: torch.device) -> torch.dtype:
+    """Accumulation dtype of float32 rest sums: float64 where the device has it (not MPS), so that the terms'
+    own roundings are all that remain."""
+    return torch.float64 if wd == torch.float32 and device.type != "mps" else wd
+
+
 @torch.no_grad()
 def row_stats(x2: Tensor, mask2: Tensor | None, masked: bool, ws: Workspace | None = None) -> Stats:
     """(max, rest-sum) statistics of each row of a contiguous (R, V) block, V >= 1.
@@ -203,25 +224,19 @@ def row_stats(x2: Tensor, mask2: Tensor | None, masked: bool, ws: Workspace | No
     )
     # A ±inf max would turn d into NaN; shift by 0 instead and repair those rows below.
     a_safe = a if finite else torch.where(torch.isinf(a), torch.zeros_like(a), a)
-    e = ws.get("e", xw, wd)
     if x2.dtype == torch.float32:
-        d_hi, d_lo = _two_diff(xw, a_safe, ws, finite)
-        torch.exp(d_hi, out=e)
-        e.addcmul_(e, d_lo)  # exp(hi + lo) = exp(hi) * (1 + lo) to first order; |lo| <= u |hi|
+        d_hi, d_lo = _two_diff(xw, a_safe, ws, finite)  # exp(hi + lo) = exp(hi) (1 + lo); |lo| <= u |hi|
     else:
         d_hi, d_lo = torch.sub(xw, a_safe, out=ws.get("hi", xw, wd)), None
-        torch.exp(d_hi, out=e)
-    es = None  # 2**64 exp(d) of the deep entries (float32 work)
+    es = None  # 2**64 exp(d) of the deep entries (float32 work: the underflow edge, see deep_terms)
     if wd == torch.float32:
-        deep, es = deep_terms(d_hi, d_lo)
-        e = torch.where(deep, es * 2.0**-64, e)
-        e_norm = torch.where(deep, 0.0, e)
+        e, es = exp_and_deep(d_hi, d_lo)
+        e_norm = torch.where(es > 0, 0.0, e)
     else:
-        e_norm = e
+        e = e_norm = torch.exp(d_hi, out=ws.get("e", xw, wd))
     # The rest sum leaves out one max's exp(0) = 1, so nothing small is lost against it: sum the entries
     # below 1, then add back the k - 1 other maxima (k = number of exact 1s, recovered as an integer).
-    # float32 work sums in float64 where the device has it (not MPS): the terms are then the only roundings.
-    acc = torch.float64 if wd == torch.float32 and x2.device.type != "mps" else wd
+    acc = rest_sum_dtype(wd, x2.device)
     s_all = e_norm.sum(dim=1, keepdim=True, dtype=acc)
     below = F.threshold(torch.neg(e_norm, out=ws.get("t", xw, wd)), -1.0, 0.0, inplace=True)  # -e where e < 1
     s_rest = below.sum(dim=1, keepdim=True, dtype=acc).neg_()

@@ -9,6 +9,7 @@ Function, so autograd adds nothing.  Double backward is not supported (``once_di
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -17,20 +18,15 @@ from torch.autograd.function import once_differentiable
 
 from .. import _validate as check
 from ..autograd.losses import loss_dtype
-from ..reference.losses import cap_slope
+from ..reference.losses import cap_slope, capped
 from ..reference.plain import as_rows, iter_row_blocks, working_dtype
 from . import _comm
 from ._stats import ACC, Block, full_d, global_max, global_stats, row_blocks, shifted
 
 
 def _cap_fn(softcap: float | None):
-    if softcap is None:
-        return None
-
-    def cap(x2: Tensor) -> Tensor:
-        return torch.tanh(x2.to(working_dtype(x2.dtype)) / softcap).mul_(softcap)
-
-    return cap
+    """The blocks' logit transform: ``reference.losses.capped`` at this softcap (None: no transform)."""
+    return None if softcap is None else functools.partial(capped, softcap=softcap)
 
 
 def _store(dst: Tensor, res: Tensor) -> None:

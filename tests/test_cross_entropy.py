@@ -242,6 +242,29 @@ def test_all_ignored(backend):
     assert torch.equal(logitkit.cross_entropy(x, t, reduction="none"), torch.zeros(3))
 
 
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.5])
+@pytest.mark.parametrize("targets", ["weight-zero", "ignored", "mixed"])
+def test_mean_over_zero_total_weight_as_torch(backend, label_smoothing, targets):
+    # torch's mean reduces the target and smoothing terms apart: with a zero total weight its target term is
+    # 0 / 0, so the loss is NaN (and the counted rows' gradients NaN), never the smoothing term's B / 0 = inf
+    x0 = torch.tensor([[0.5, -1.0, 2.0], [0.1, 0.2, 0.3], [1.0, 0.0, -3.0]])
+    w = torch.tensor([0.0, 1.0, 2.0])
+    t = {"weight-zero": [0, 0, 0], "ignored": [1, 1, 1], "mixed": [0, 1, 0]}[targets]
+    t = torch.tensor(t)
+    got, want = [], []
+    for fn, acc in ((logitkit.cross_entropy, got), (F.cross_entropy, want)):
+        x = x0.clone().requires_grad_()
+        loss = fn(x, t, w, ignore_index=1, label_smoothing=label_smoothing)
+        (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+        (g2,) = torch.autograd.grad(loss, x)  # the second backward recomputes
+        acc.append((loss.detach(), g1, g2))
+    (loss, g1, g2), (tloss, tg, _) = got[0], want[0]
+    assert math.isnan(loss.item()) and math.isnan(tloss.item())
+    for g in (g1, g2):
+        assert torch.equal(g.isnan(), tg.isnan())
+        torch.testing.assert_close(g.nan_to_num(), tg.nan_to_num(), rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])  # gradient formed in forward; recomputed
 def test_ignored_rows_with_special_logits_and_strided_arguments(backend, reduction):
     """Ignored rows get loss 0 and gradient 0, but NaN where their softmax is NaN (a NaN, a +inf, all -inf),

@@ -827,3 +827,24 @@ def test_options_batch_chunk_size_checked_as_torch():
         assert abs(got.item() - want.item()) <= 1e-5 * want.item()
         with pytest.warns(UserWarning, match="chunking_method"):
             lk.linear_cross_entropy(x, W, t, options=torch.nn.LinearCrossEntropyOptions(chunking_method="aspect_ratio"))
+
+
+@pytest.mark.parametrize("strategy", ["token_chunks", "vocab_blocks"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.5])
+def test_mean_over_zero_total_weight_is_nan(strategy, label_smoothing):
+    # as torch's mean: a zero total target weight gives NaN, with label smoothing too (not B / 0 = inf);
+    # all-ignored rows keep zero gradients
+    gen = torch.Generator().manual_seed(3)
+    h = torch.randn(3, 4, generator=gen, requires_grad=True)
+    W = torch.randn(3, 4, generator=gen, requires_grad=True)
+    w = torch.tensor([0.0, 1.0, 2.0])
+    t = torch.tensor([0, 0, 0])
+    loss = lk.linear_cross_entropy(h, W, t, weight=w, label_smoothing=label_smoothing, strategy=strategy)
+    ref = F.cross_entropy(h @ W.T, t, w, label_smoothing=label_smoothing)
+    assert math.isnan(loss.item()) and math.isnan(ref.item())
+    t = torch.tensor([1, 1, 1])
+    loss = lk.linear_cross_entropy(h, W, t, weight=w, ignore_index=1, label_smoothing=label_smoothing,
+                                   strategy=strategy)
+    assert math.isnan(loss.item())
+    gh, gW = torch.autograd.grad(loss, (h, W))
+    assert torch.equal(gh, torch.zeros_like(gh)) and torch.equal(gW, torch.zeros_like(gW))

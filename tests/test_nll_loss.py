@@ -111,3 +111,31 @@ def test_kdim_and_noncontiguous_bit_for_bit(backend):
     assert torch.equal(
         logitkit.nll_loss(nc, tt, reduction="none"), logitkit.nll_loss(nc.contiguous(), tt, reduction="none")
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_narrow_integer_targets_checked_in_int64(dtype):
+    # compared in the target's own dtype, ignore_index would wrap (uint8: -1 == 255) and let 255 reach a gather
+    x = torch.randn(2, 5).log_softmax(1)
+    bad, ii = (255, -1) if dtype == torch.uint8 else (-100, 156)
+    t = torch.tensor([bad, 3], dtype=dtype)
+    for fn in (logitkit.nll_loss, logitkit.cross_entropy):
+        with pytest.raises(IndexError, match=f"target {bad} is out of bounds"):
+            fn(x, t, ignore_index=ii)
+    ok = torch.tensor([4, 3], dtype=dtype)
+    assert torch.equal(logitkit.nll_loss(x, ok, ignore_index=ii), F.nll_loss(x, ok.long(), ignore_index=ii))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_no_classes_all_ignored_as_torch(reduction, weighted):
+    x = torch.randn(3, 0, requires_grad=True)
+    t = torch.full((3,), -100)
+    w = torch.ones(0) if weighted else None
+    got = logitkit.nll_loss(x, t, w, reduction=reduction)
+    want = F.nll_loss(x.detach(), t, w, reduction=reduction)
+    torch.testing.assert_close(got.detach(), want, equal_nan=True)
+    (g,) = torch.autograd.grad(got.sum(), x)
+    assert g.shape == (3, 0)
+    with pytest.raises(IndexError, match="out of bounds"):
+        logitkit.nll_loss(x, torch.tensor([0, -100, -100]), w, reduction=reduction)

@@ -106,6 +106,21 @@ def test_bad_label_smoothing(eps):
     raises_naming("label_smoothing", lambda: logitkit.cross_entropy(X, T, label_smoothing=eps))
 
 
+@pytest.mark.parametrize("eps", [torch.tensor(0.1), torch.tensor(0.1, dtype=torch.float64), torch.tensor(0)])
+def test_label_smoothing_zero_dim_tensor_as_torch(eps):
+    # torch takes a 0-d tensor (e.g. a smoothing schedule's value) as the float it holds
+    want = torch.nn.functional.cross_entropy(X, T, label_smoothing=eps)
+    torch.testing.assert_close(logitkit.cross_entropy(X, T, label_smoothing=eps), want, rtol=1e-6, atol=0)
+    mod = logitkit.nn.CrossEntropyLoss(label_smoothing=eps)
+    torch.testing.assert_close(mod(X, T), want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("eps", [torch.tensor([0.1]), torch.tensor(True), torch.tensor(1.5)])
+def test_label_smoothing_bad_tensor(eps):
+    raises_naming("label_smoothing", lambda: logitkit.cross_entropy(X, T, label_smoothing=eps),
+                  (TypeError, ValueError))
+
+
 # A mask of the wrong width, of a shape that broadcasts the wrong way, of a higher rank.
 @pytest.mark.parametrize("shape", [(4, 4), (5, 1), (2, 4, 5)])
 def test_mask_not_broadcastable(shape):

@@ -129,6 +129,8 @@ def linear_ce_strategy(strategy: object) -> str:
 
 
 def label_smoothing(eps: object) -> float:
+    if isinstance(eps, Tensor) and eps.dim() == 0 and not eps.dtype.is_complex and eps.dtype != torch.bool:
+        eps = eps.item()  # a 0-d tensor (a smoothing schedule's value), as torch takes it
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"label_smoothing must be a float, got {type(eps).__name__}")
     if not 0.0 <= float(eps) <= 1.0:
@@ -196,6 +198,8 @@ def target_range(target: Tensor, C: int, ignore_index: int) -> None:
     """Every target is in [0, C) or equal to ignore_index."""
     if target.numel() == 0:
         return
+    if target.dtype != torch.int64:  # compared in its own dtype, ignore_index would wrap (uint8: -1 == 255)
+        target = target.long()
     if target.device.type == "cpu" and not torch.compiler.is_compiling():
         target = _values(target)
         bad = ((target < 0) | (target >= C)) & (target != ignore_index)

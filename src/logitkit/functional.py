@@ -258,8 +258,12 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, size_a
     t = target.long()
     valid = t != ignore_index
     t_safe = torch.where(valid, t, torch.zeros_like(t))
-    picked = xv.gather(-1, t_safe.unsqueeze(-1)).squeeze(-1).to(wd)
-    w_t = w.to(wd)[t_safe] if w is not None else torch.ones(t.shape, dtype=wd, device=x.device)
+    if C == 0:  # no classes: target_range let only ignored targets through; each row gives 0, as torch
+        picked = xv.sum(-1).to(wd)  # zeros, still connected to the (empty) input for autograd
+        w_t = torch.zeros(t.shape, dtype=wd, device=x.device)
+    else:
+        picked = xv.gather(-1, t_safe.unsqueeze(-1)).squeeze(-1).to(wd)
+        w_t = w.to(wd)[t_safe] if w is not None else torch.ones(t.shape, dtype=wd, device=x.device)
     w_t = torch.where(valid, w_t, torch.zeros_like(w_t))
     rows = torch.where(valid, -w_t * picked, torch.zeros_like(picked))
     if red == "none":

@@ -460,7 +460,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             fused = any(need) and o.reduction in ("mean", "sum")
             loss, lse, wt, ent, dx, dW, db = _accumulate(x, W, b, target, None, o, need if fused else (False,) * 3)
             stats = ()
-        denom = wt.sum() if o.reduction == "mean" and not o.prob else torch.tensor(
+        denom = ref.mean_denom(wt.sum(), o.eps) if o.reduction == "mean" and not o.prob else torch.tensor(
             float(x.shape[0]), dtype=wt.dtype, device=x.device
         )
         if o.reduction == "none":
@@ -490,9 +490,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             dx, dW, db = ctx.grads
             scale = g
             if o.reduction != "sum":
-                # An all-ignored batch has denom 0 and all-zero gradients: keep them 0, not NaN.  Only there: a
-                # NaN or inf upstream g still propagates, as torch.
-                scale = torch.where(denom == 0, torch.zeros_like(g), g / denom)
+                # An all-ignored batch has denom 0 (NaN with smoothing, ref.mean_denom) and all-zero gradients:
+                # keep them 0, not NaN.  Only there: a NaN or inf upstream g still propagates, as torch.
+                scale = torch.where((denom == 0) | denom.isnan(), torch.zeros_like(g), g / denom)
             out = (
                 dx.mul_(scale.to(dx.dtype)) if dx is not None else None,
                 dW.mul_(scale).to(W.dtype) if dW is not None else None,

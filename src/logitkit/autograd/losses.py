@@ -117,7 +117,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             if _ref_fused_ok(ctx, xv, reduction):
                 # CPU: form the gradient in the same pass (logits read once); backward scales it by g.
                 wt = ref.target_weights(target, weight, ignore_index, out_dtype)
-                denom = wt.sum() if reduction == "mean" else None
+                denom = ref.mean_denom(wt.sum(), label_smoothing) if reduction == "mean" else None
                 scale = _row_grad(torch.ones((), dtype=out_dtype), target.shape, denom, reduction,
                                   target != ignore_index)
                 loss_rows, lse, dx = ref.ce_fused(xv, target, weight, ignore_index, label_smoothing, z_loss,
@@ -126,7 +126,7 @@ class CrossEntropyFunction(torch.autograd.Function):
             else:
                 loss_rows, lse, wt = ref.ce_rows(xv, target, weight, ignore_index, label_smoothing, z_loss,
                                                  softcap)
-                denom = wt.sum() if reduction == "mean" else None
+                denom = ref.mean_denom(wt.sum(), label_smoothing) if reduction == "mean" else None
             ent = ref.entropy_rows(ref.capped(xv, softcap)) if with_entropy else xv.new_empty(0, dtype=out_dtype)
             ctx.save_for_backward(xv, target, weight, denom)
             ctx.mark_non_differentiable(lse, ent)
@@ -137,7 +137,8 @@ class CrossEntropyFunction(torch.autograd.Function):
         M = x2.shape[0]
         denom = None
         if reduction == "mean":  # sum of the counted rows' weights, on the device (no .item())
-            denom = ref.target_weights(t2, weight, ignore_index, torch.float32).sum().reshape(1)
+            denom = ref.mean_denom(ref.target_weights(t2, weight, ignore_index, torch.float32).sum().reshape(1),
+                                   label_smoothing)
         fused = reduction != "none" and ctx.needs_input_grad[0] and M > 0
         loss_rows, lse, ent, dx = k.ce_fwd(x2, t2, weight=weight, denom=denom, ignore_index=ignore_index,
                                            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,

@@ -18,7 +18,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import _validate as check
 from ..autograd.losses import loss_dtype
-from ..reference.losses import cap_slope, capped
+from ..reference.losses import cap_slope, capped, mean_denom
 from ..reference.plain import as_rows, iter_row_blocks, working_dtype
 from . import _comm
 from ._stats import ACC, Block, full_d, global_max, global_stats, row_blocks, shifted
@@ -255,7 +255,7 @@ class VocabParallelCrossEntropyFunction(torch.autograd.Function):
             row = row + torch.where(valid, (eps / C) * smooth, torch.zeros_like(smooth))
         if z_loss != 0.0:
             row = row + torch.where(valid, z_loss * s.lse * s.lse, torch.zeros_like(s.lse))
-        denom = w_t.sum() if reduction == "mean" else None
+        denom = mean_denom(w_t.sum(), eps) if reduction == "mean" else None
         if reduction == "none":
             loss = row
         else:

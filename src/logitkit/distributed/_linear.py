@@ -27,6 +27,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import _validate as check
 from ..autograd.losses import loss_dtype
+from ..reference.losses import mean_denom
 from ..reference.plain import working_dtype
 from . import _comm
 from ._functions import _local_target, ce_block_grad, check_classes, local_class_weight, prob_block_grad
@@ -187,7 +188,7 @@ class VocabParallelLinearCrossEntropyFunction(torch.autograd.Function):
             row = torch.where(valid, row, torch.zeros_like(row))
         if reduction == "mean":
             # torch's mean: over the weights of the counted targets; over the rows for probabilities
-            denom = torch.tensor(float(M), dtype=ACC, device=dev) if prob else w_t.sum()
+            denom = torch.tensor(float(M), dtype=ACC, device=dev) if prob else mean_denom(w_t.sum(), eps)
         else:
             denom = None
         if reduction == "none":

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .losses import mean_denom
 from .plain import deep_terms, rest_sum_dtype, working_dtype
 
 
@@ -209,7 +210,7 @@ def ce_index(xv: Tensor, target: Tensor, weight: Tensor | None, ignore_index: in
         row = row - torch.where(valid, (eps / C) * wy, 0.0)
     if z_loss != 0.0:
         row = row + torch.where(valid, z_loss * lse_row * lse_row, 0.0)
-    loss = _reduce(row, w_t.sum(), reduction)
+    loss = _reduce(row, mean_denom(w_t.sum(), eps), reduction)
     ent = _entropy_rows(y).detach() if with_entropy else xv.new_empty(0, dtype=wd)
     return loss, lse_row.detach(), ent
 

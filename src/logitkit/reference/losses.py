@@ -13,6 +13,8 @@ Numerics: y is accurate to the rounding of the output dtype (see plain.py); ever
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -172,6 +174,21 @@ def ce_grad(
 
     map_blocks(block, list(iter_row_blocks(lead, C, LOSS_BLOCK_ELEMS)), xv.device)
     return dx
+
+
+def mean_denom(w_sum: Tensor, label_smoothing: float) -> Tensor:
+    """The class-index mean's denominator (the counted targets' weight sum), NaN where it is 0 with smoothing.
+
+    torch reduces the target and the smoothing terms apart, (1 - eps) A / W + eps B / W: with W = 0 (every
+    counted target of weight 0, or all ignored) A is 0 and the loss NaN, while the fused per-row sum divided by
+    W would be B / 0 = inf. A NaN denominator gives torch's NaN loss and NaN gradients on the counted rows
+    (ignored rows still get 0: they are selected, never multiplied). Without smoothing W stays as it is:
+    A / W is then what torch computes. (Weights of mixed sign summing to exactly 0 with smoothing: NaN here,
+    where torch may give ±inf.)
+    """
+    if label_smoothing == 0.0:
+        return w_sum
+    return torch.where(w_sum == 0, torch.full_like(w_sum, math.nan), w_sum)
 
 
 def target_weights(target: Tensor, weight: Tensor | None, ignore_index: int, dtype: torch.dtype) -> Tensor:

@@ -322,6 +322,27 @@ def _ce_cap_sat(ctx):
     return out
 
 
+@case("mean_over_zero_total_weight")
+def _zero_total_weight(ctx):
+    """Every counted target of weight 0 with label smoothing: the mean is NaN, as torch (0 / 0 in its target
+    term), not the smoothing term over 0 (inf); cross_entropy and linear_cross_entropy."""
+    sizes = SPLITS[ctx.world][0]
+    V = sum(sizes)
+    x = _logits("ztw", 5, V, F32)
+    w = torch.ones(V)
+    w[0] = 0.0
+    t = torch.zeros(5, dtype=torch.long)
+    out = {}
+    for eps in (0.0, 0.3):
+        y = lkd.cross_entropy(ctx.split(x, sizes), t, weight=w, label_smoothing=eps)
+        out[f"ce eps={eps} is NaN"] = 0.0 if math.isnan(float(y)) else 2.0
+        h = torch.randn(5, 4, generator=_gen("ztwh"))
+        W = torch.randn(V, 4, generator=_gen("ztwW"))
+        z = lkd.linear_cross_entropy(h, ctx.split(W, sizes, 0), t, weight=w, label_smoothing=eps)
+        out[f"lce eps={eps} is NaN"] = 0.0 if math.isnan(float(z)) else 2.0
+    return out
+
+
 @case("float64_probabilities_widen_the_loss")
 def _prob_f64(ctx):
     """float32 logits (or hidden states) with float64 class probabilities: a float64 loss, as the single-device

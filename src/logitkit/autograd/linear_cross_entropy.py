@@ -460,9 +460,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             fused = any(need) and o.reduction in ("mean", "sum")
             loss, lse, wt, ent, dx, dW, db = _accumulate(x, W, b, target, None, o, need if fused else (False,) * 3)
             stats = ()
-        denom = ref.mean_denom(wt.sum(), o.eps) if o.reduction == "mean" and not o.prob else torch.tensor(
+        w_sum = wt.sum() if o.reduction == "mean" and not o.prob else torch.tensor(
             float(x.shape[0]), dtype=wt.dtype, device=x.device
         )
+        denom = ref.mean_denom(w_sum, o.eps) if o.reduction == "mean" and not o.prob else w_sum
         if o.reduction == "none":
             out = loss
         elif o.reduction == "sum":
@@ -471,7 +472,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             out = loss.sum() / denom
         ctx.o, ctx.need, ctx.fused = o, need, fused
         ctx.save_for_backward(x, W, b, target, denom, *stats)
-        ctx.grads = (dx, dW, db) if fused else None
+        ctx.grads = (dx, dW, db, w_sum) if fused else None
         ctx.mark_non_differentiable(lse, ent)
         return out, lse, ent
 
@@ -487,12 +488,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         valid = None if o.prob else target != o.ignore_index
         if ctx.fused and ctx.grads is not None:
             # Gradients were formed in forward with unit upstream gradient; scale on the device.
-            dx, dW, db = ctx.grads
+            dx, dW, db, w_sum = ctx.grads
             scale = g
             if o.reduction != "sum":
-                # An all-ignored batch has denom 0 (NaN with smoothing, ref.mean_denom) and all-zero gradients:
-                # keep them 0, not NaN.  Only there: a NaN or inf upstream g still propagates, as torch.
-                scale = torch.where((denom == 0) | denom.isnan(), torch.zeros_like(g), g / denom)
+                # An all-ignored batch has a total weight of 0 and all-zero gradients: keep them 0, not NaN (the
+                # raw sum, not ref.mean_denom's NaN).  Only there: a NaN or inf upstream g (or weight) still
+                # propagates, as torch.
+                scale = torch.where(w_sum == 0, torch.zeros_like(g), g / w_sum)
             out = (
                 dx.mul_(scale.to(dx.dtype)) if dx is not None else None,
                 dW.mul_(scale).to(W.dtype) if dW is not None else None,

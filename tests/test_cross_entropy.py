@@ -265,6 +265,27 @@ def test_mean_over_zero_total_weight_as_torch(backend, label_smoothing, targets)
         torch.testing.assert_close(g.nan_to_num(), tg.nan_to_num(), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("kwargs", [{}, {"reduction": "none"}, {"reduction": "sum", "label_smoothing": 0.2},
+                                    {"weight": torch.tensor([0.5, 2.0, 1.0, 3.0])}])
+def test_unbatched_input_takes_a_one_element_target(backend, kwargs):
+    # torch accepts a (1,) target for a (C,) input (its forward; its backward then fails on the shapes): the
+    # same 0-d loss as the 0-d target, with the gradient of that one row
+    x0 = torch.tensor([0.3, -1.2, 2.5, 0.0])
+    losses, grads = [], []
+    for t in (torch.tensor([2]), torch.tensor(2)):
+        x = x0.clone().requires_grad_()
+        loss = logitkit.cross_entropy(x, t, **kwargs)
+        (g,) = torch.autograd.grad(loss, x)
+        losses.append(loss.detach())
+        grads.append(g)
+    assert losses[0].shape == () and torch.equal(losses[0], losses[1]) and torch.equal(grads[0], grads[1])
+    if "label_smoothing" not in kwargs:  # torch's forward fails to broadcast its smoothing term there
+        want = F.cross_entropy(x0, torch.tensor([2]), **kwargs)
+        torch.testing.assert_close(losses[0], want, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="target of shape"):
+        logitkit.cross_entropy(x0, torch.tensor([2, 1]), **kwargs)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])  # gradient formed in forward; recomputed
 def test_ignored_rows_with_special_logits_and_strided_arguments(backend, reduction):
     """Ignored rows get loss 0 and gradient 0, but NaN where their softmax is NaN (a NaN, a +inf, all -inf),

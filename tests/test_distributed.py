@@ -343,6 +343,24 @@ def _zero_total_weight(ctx):
     return out
 
 
+@case("unbatched_input_one_element_target")
+def _unbatched(ctx):
+    """An unbatched (C,) logits row / (D,) hidden state takes a 0-d or a (1,) target (as torch): the same 0-d
+    loss as the single-process op."""
+    sizes = SPLITS[ctx.world][0]
+    V = sum(sizes)
+    x = _logits("unb", 5, V, F64)[2]  # the row with a tie across shards
+    h = torch.randn(4, generator=_gen("unbh"), dtype=F64)
+    W = torch.randn(V, 4, generator=_gen("unbW"), dtype=F64)
+    out = {}
+    for t in (torch.tensor(2), torch.tensor([2])):
+        y = lkd.cross_entropy(ctx.split(x, sizes, 0), t)
+        out[f"ce {tuple(t.shape)}"] = err(y, logitkit.cross_entropy(x, t.reshape(())))
+        z = lkd.linear_cross_entropy(h, ctx.split(W, sizes, 0), t)
+        out[f"lce {tuple(t.shape)}"] = err(z, logitkit.linear_cross_entropy(h, W, t.reshape(())))
+    return out
+
+
 @case("float64_probabilities_widen_the_loss")
 def _prob_f64(ctx):
     """float32 logits (or hidden states) with float64 class probabilities: a float64 loss, as the single-device

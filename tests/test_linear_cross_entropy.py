@@ -229,6 +229,26 @@ def test_single_token_three_d_input_and_empty_batch(strategy):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
+def test_unbatched_input_takes_a_zero_d_or_one_element_target(strategy):
+    # an unbatched (D,) input: torch takes a 0-d or a (1,) target and gives a 0-d loss for both
+    x, W, _, t = _make(1, 8, 5, F64)
+    h = x[0]
+    want = _reference(x, W, t, reduction="sum")
+    for tt in (t[0], t[:1]):
+        hh, WW = h.clone().requires_grad_(), W.clone().requires_grad_()
+        loss = lk.linear_cross_entropy(hh, WW, tt, reduction="none", strategy=strategy)
+        gh, gW = torch.autograd.grad(loss, (hh, WW))
+        xr, Wr = x.clone().requires_grad_(), W.clone().requires_grad_()
+        rh, rW = torch.autograd.grad(_reference(xr, Wr, t, reduction="sum"), (xr, Wr))
+        assert loss.shape == () and _rel(loss, want) < 1e-14
+        assert _rel(gh, rh[0]) < 1e-13 and _rel(gW, rW) < 1e-13
+    if hasattr(F, "linear_cross_entropy"):
+        torch.testing.assert_close(lk.linear_cross_entropy(h, W, t[:1]), F.linear_cross_entropy(h, W, t[:1]))
+    with pytest.raises(ValueError, match="target of shape"):
+        lk.linear_cross_entropy(h, W, t.repeat(2), strategy=strategy)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_sum_with_external_divisor_accumulates_like_one_batch(strategy):
     """Gradient accumulation: two micro-batches with reduction='sum' / N equal one mean over the batch."""
     x, W, _, t = _make(20, 6, 9, F64)

@@ -139,3 +139,17 @@ def test_no_classes_all_ignored_as_torch(reduction, weighted):
     assert g.shape == (3, 0)
     with pytest.raises(IndexError, match="out of bounds"):
         logitkit.nll_loss(x, torch.tensor([0, -100, -100]), w, reduction=reduction)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_unbatched_input_takes_a_one_element_target(backend, reduction):
+    # torch accepts a (1,) target for a (C,) input (forward only: its backward then fails on the shapes)
+    x0 = torch.randn(5, dtype=F64).log_softmax(0)
+    want = F.nll_loss(x0, torch.tensor([3]), reduction=reduction)
+    x = x0.clone().requires_grad_()
+    got = logitkit.nll_loss(x, torch.tensor([3]), reduction=reduction)
+    assert got.shape == () and torch.equal(got.detach(), want)
+    (g,) = torch.autograd.grad(got, x)
+    assert torch.equal(g, -torch.nn.functional.one_hot(torch.tensor(3), 5).to(F64))
+    with pytest.raises(ValueError, match="target of shape"):
+        logitkit.nll_loss(x0, torch.tensor([3, 1]), reduction=reduction)

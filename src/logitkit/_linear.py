@@ -77,6 +77,8 @@ def _run(input, linear_weight, target, linear_bias, weight, reduction, ignore_in
     if prob and ignore_index is not None:
         raise ValueError("ignore_index cannot be specified when target contains class probabilities")
     ii = -100 if ignore_index is None else ignore_index
+    if not prob and not lead and tuple(target.shape) == (1,):  # unbatched (D,) input: torch also takes a (1,) target
+        target = target.reshape(())
     if out_features:
         # K-dimensional loss: (V, d1, ..., D) weights. As torch, this takes the unfused path.
         if not lead:

@@ -179,8 +179,12 @@ def loss_input(name: str, x: Tensor) -> int:
     return 0 if x.dim() == 1 else 1
 
 
-def class_target_shape(x: Tensor, target: Tensor, cdim: int) -> None:
+def class_target_shape(x: Tensor, target: Tensor, cdim: int) -> Tensor:
+    """Checks the class-index target's shape and device; returns it, an unbatched (C,) input's (1,) target
+    viewed as 0-d (torch accepts both for that input, and the loss is 0-d either way)."""
     expected = x.shape[:cdim] + x.shape[cdim + 1 :]
+    if x.dim() == 1 and target.shape == (1,):
+        target = target.reshape(())
     if target.shape != expected:
         if x.dim() >= 2 and target.dim() >= 1 and target.shape[0] != x.shape[0]:
             raise ValueError(
@@ -192,6 +196,7 @@ def class_target_shape(x: Tensor, target: Tensor, cdim: int) -> None:
         )
     if target.device != x.device:
         raise ValueError(f"target is on {target.device} but input is on {x.device}")
+    return target
 
 
 def target_range(target: Tensor, C: int, ignore_index: int) -> None:

@@ -181,7 +181,7 @@ def _cross_entropy(input, target, weight, size_average, ignore_index, reduce, re
             x = x.to(wide)
     else:
         check.integer_target(target)
-        check.class_target_shape(x, target, cdim)
+        target = check.class_target_shape(x, target, cdim)
         check.target_range(target, C, ignore_index)
     xv = x.movedim(cdim, -1)
     if _config.transforms_active(x, target):  # inplace_backward has no effect here (nothing is formed in forward)
@@ -251,7 +251,7 @@ def nll_loss(input: Tensor, target: Tensor, weight: Tensor | None = None, size_a
     x, cdim, C, w, red = _loss_common(input, target, weight, size_average, reduce, reduction)
     ignore_index = check.ignore_index(ignore_index)
     check.integer_target(target)
-    check.class_target_shape(x, target, cdim)
+    target = check.class_target_shape(x, target, cdim)
     check.target_range(target, C, ignore_index)
     wd = loss_dtype(x.dtype)
     xv = x.movedim(cdim, -1)

@@ -304,6 +304,8 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     else:
         target = _replicated(target)
         check.integer_target(target)
+        if h.dim() == 1 and tuple(target.shape) == (1,):  # unbatched (D,) input: a (1,) target too, as torch
+            target = target.reshape(())
         if tuple(target.shape) != tuple(h.shape[:-1]):
             raise ValueError(f"target must have shape {tuple(h.shape[:-1])}, got {tuple(target.shape)}")
     if target.device != h.device:

@@ -190,7 +190,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, s
         )
         return loss
     check.integer_target(target)
-    check.class_target_shape(x, target, cdim)
+    target = check.class_target_shape(x, target, cdim)
     shard = shard_of(group, x.shape[cdim], vocab_start)
     w = class_weight_arg(weight, shard.size, x)
     loss, _ = VocabParallelCrossEntropyFunction.apply(

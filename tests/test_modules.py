@@ -16,6 +16,24 @@ def test_softmax_modules_match_functional(backend):
         assert torch.equal(nn.Softmax()(x), logitkit.softmax(x, dim=0))
 
 
+@pytest.mark.parametrize("cls", [nn.Softmax, nn.LogSoftmax])
+def test_softmax_modules_pickle_and_old_state(cls):
+    import copy
+    import pickle
+    import warnings
+
+    x = torch.randn(3, 4)
+    m = pickle.loads(pickle.dumps(cls(1)))
+    assert m.dim == 1 and torch.equal(m(x), cls(1)(x)) and repr(m) == repr(cls(1))
+    old = cls(1)
+    del old.__dict__["dim"]  # a module pickled before ``dim`` existed: restored with the implicit dim, as torch
+    restored = copy.deepcopy(old)
+    assert restored.dim is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        assert torch.equal(restored(x), cls(None)(x))
+
+
 # Each loss module option once: weights, ignore_index, every reduction, label smoothing.
 @pytest.mark.parametrize(
     "kw",

@@ -19,6 +19,11 @@ class Softmax(torch.nn.Module):
         super().__init__()
         self.dim = dim
 
+    def __setstate__(self, state) -> None:  # as torch: a pickle from before ``dim`` existed means the implicit dim
+        super().__setstate__(state)
+        if not hasattr(self, "dim"):
+            self.dim = None
+
     def forward(self, input: Tensor) -> Tensor:
         return F.softmax(input, self.dim, _stacklevel=5)
 
@@ -32,6 +37,11 @@ class LogSoftmax(torch.nn.Module):
     def __init__(self, dim: int | None = None) -> None:
         super().__init__()
         self.dim = dim
+
+    def __setstate__(self, state) -> None:  # as torch: a pickle from before ``dim`` existed means the implicit dim
+        super().__setstate__(state)
+        if not hasattr(self, "dim"):
+            self.dim = None
 
     def forward(self, input: Tensor) -> Tensor:
         return F.log_softmax(input, self.dim, _stacklevel=5)

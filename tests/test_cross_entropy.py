@@ -287,6 +287,27 @@ def test_unbatched_input_takes_a_one_element_target(backend, kwargs):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])  # gradient formed in forward; recomputed
+@pytest.mark.parametrize("z_loss", [0.0, 0.1])
+def test_nan_weight_of_an_untargeted_class_stays_out_without_smoothing(backend, reduction, z_loss):
+    # without smoothing only the targets' weights enter the loss (torch: finite loss and gradients); with it,
+    # every class weight does, and the loss is NaN as torch's
+    x0 = torch.randn(4, 5, dtype=F64)
+    t = torch.tensor([0, 1, 2, 1])
+    w = torch.tensor([1.0, 2.0, 0.5, math.nan, 1.0], dtype=F64)
+    x = x0.clone().requires_grad_()
+    loss = logitkit.cross_entropy(x, t, w, reduction=reduction, z_loss=z_loss)
+    (g,) = torch.autograd.grad(loss.sum(), x)
+    xr = x0.clone().requires_grad_()
+    ref = F.cross_entropy(xr, t, w, reduction="none") + z_loss * torch.logsumexp(xr, 1) ** 2
+    ref = {"none": ref, "sum": ref.sum(), "mean": ref.sum() / w[t].sum()}[reduction]
+    (gr,) = torch.autograd.grad(ref.sum(), xr)
+    assert torch.isfinite(loss).all() and torch.isfinite(g).all()
+    torch.testing.assert_close(loss.detach(), ref.detach(), rtol=1e-13, atol=0)
+    torch.testing.assert_close(g, gr, rtol=1e-12, atol=1e-15)
+    assert torch.isnan(logitkit.cross_entropy(x0, t, w, reduction="sum", label_smoothing=0.1))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])  # gradient formed in forward; recomputed
 def test_ignored_rows_with_special_logits_and_strided_arguments(backend, reduction):
     """Ignored rows get loss 0 and gradient 0, but NaN where their softmax is NaN (a NaN, a +inf, all -inf),
     as torch's 0 * softmax; a strided weight / target view is read as the values it shows."""

@@ -361,6 +361,39 @@ def _unbatched(ctx):
     return out
 
 
+@case("nan_weight_of_an_untargeted_class")
+def _nan_weight_untargeted(ctx):
+    """A NaN class weight no target uses, without smoothing: finite loss and gradients equal to the single
+    process's (only the targets' weights enter; no 0 * NaN), on cross_entropy and linear_cross_entropy."""
+    sizes = SPLITS[ctx.world][0]
+    V = sum(sizes)
+    x = torch.randn(5, V, generator=_gen("nanw"), dtype=F64)
+    w = torch.rand(V, generator=_gen("nanww"), dtype=F64) + 0.5
+    w[-1] = math.nan  # on the last shard
+    t = torch.tensor([0, 1, 2, 1, 0])
+    out = {}
+    for red in ("mean", "none"):
+        g = torch.ones(() if red == "mean" else (5,), dtype=F64)
+        ry, rgx = _grad_through(lambda z: logitkit.cross_entropy(z, t, weight=w, reduction=red), x, g)
+        y, gx = _grad_through(lambda z: lkd.cross_entropy(z, t, weight=w, reduction=red), ctx.split(x, sizes), g)
+        out[f"ce {red}"] = err(y, ry)
+        out[f"ce {red} grad"] = gerr(gx, ctx.split(rgx, sizes), ctx.split(row_max(rgx), sizes))
+        h = torch.randn(5, 4, generator=_gen("nanwh"), dtype=F64)
+        W = torch.randn(V, 4, generator=_gen("nanwW"), dtype=F64)
+        hr, Wr = h.clone().requires_grad_(), ctx.split(W, sizes, 0).requires_grad_()
+        z = lkd.linear_cross_entropy(hr, Wr, t, weight=w, reduction=red)
+        gh, gW = torch.autograd.grad(z.sum(), (hr, Wr))
+        h1, W1 = h.clone().requires_grad_(), W.clone().requires_grad_()
+        rz = logitkit.linear_cross_entropy(h1, W1, t, weight=w, reduction=red)
+        rh, rW = torch.autograd.grad(rz.sum(), (h1, W1))
+        out[f"lce {red}"] = err(z, rz)
+        out[f"lce {red} dh"] = gerr(gh, rh, row_max(rh))
+        out[f"lce {red} dW"] = gerr(gW, ctx.split(rW, sizes, 0), ctx.split(row_max(rW, 0), sizes, 0))
+        finite = all(bool(torch.isfinite(v).all()) for v in (y, gx, z, gh, gW))
+        out[f"{red} all finite"] = 0.0 if finite else 2.0
+    return out
+
+
 @case("float64_probabilities_widen_the_loss")
 def _prob_f64(ctx):
     """float32 logits (or hidden states) with float64 class probabilities: a float64 loss, as the single-device

@@ -249,6 +249,20 @@ def test_unbatched_input_takes_a_zero_d_or_one_element_target(strategy):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_nan_weight_of_an_untargeted_class_stays_out_without_smoothing(strategy, reduction):
+    x, W, _, _ = _make(4, 8, 5, F64)
+    t = torch.tensor([0, 1, 2, 1])
+    w = torch.tensor([1.0, 2.0, 0.5, math.nan, 1.0], dtype=F64)
+    lo, go = _grads(lambda x, W: lk.linear_cross_entropy(x, W, t, weight=w, reduction=reduction, strategy=strategy),
+                    [x, W], torch.ones_like)
+    lr, gr = _grads(lambda x, W: _reference(x, W, t, weight=w, reduction=reduction), [x, W], torch.ones_like)
+    assert torch.isfinite(lo).all() and _rel(lo, lr) < 1e-14
+    for a, r in zip(go, gr, strict=True):
+        assert torch.isfinite(a).all() and _rel(a, r) < 1e-13
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_sum_with_external_divisor_accumulates_like_one_batch(strategy):
     """Gradient accumulation: two micro-batches with reduction='sum' / N equal one mean over the batch."""
     x, W, _, t = _make(20, 6, 9, F64)

@@ -83,7 +83,7 @@ def test_bad_target(target):
 def test_bad_target_kdim_and_unbatched():
     raises_naming("target", lambda: logitkit.cross_entropy(torch.randn(2, 5, 3), torch.zeros(2, 4, dtype=torch.long)))
     raises_naming("target", lambda: logitkit.cross_entropy(torch.randn(5), torch.tensor(7)))
-    raises_naming("target", lambda: logitkit.cross_entropy(torch.randn(5), torch.tensor([1])))
+    raises_naming("target", lambda: logitkit.cross_entropy(torch.randn(5), torch.tensor([1, 2])))  # (1,) is fine
 
 
 # weight of the wrong length or rank.

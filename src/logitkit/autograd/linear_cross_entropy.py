@@ -369,7 +369,9 @@ def _vocab_grads(x: Tensor, W: Tensor, b: Tensor | None, target: Tensor, a: Tens
         t_safe, valid = _class_rows(target, o)
         w_tgt = w[t_safe] if w is not None else torch.ones_like(L)
         hard = torch.where(valid, (1.0 - eps) * w_tgt, 0.0)
-        c1 = hard + (eps / C) * (w.sum() if w is not None else float(C))
+        c1 = hard
+        if eps > 0.0:  # only then: a NaN weight of an untargeted class stays out of the gradient (0 * NaN)
+            c1 = c1 + (eps / C) * (w.sum() if w is not None else float(C))
         if o.z_loss != 0.0:
             c1 = c1 + 2.0 * o.z_loss * lse
         c1 = torch.where(valid, c1, 0.0)

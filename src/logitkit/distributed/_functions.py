@@ -166,7 +166,7 @@ def ce_block_grad(xw, a2, L, lse2, t, w_t, g2, wl, W, opts) -> Tensor:
     d = full_d(d_hi, d_lo)
     p = torch.exp(d - L)
     hard = (1.0 - eps) * w_t
-    c1 = hard + (eps / C) * W
+    c1 = hard + (eps / C) * W if eps > 0.0 else hard  # a NaN weight of an untargeted class: not 0 * NaN
     if z_loss != 0.0:
         c1 = c1 + 2.0 * z_loss * lse2
     c1 = torch.where(valid, c1, torch.zeros_like(c1))

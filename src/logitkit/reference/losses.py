@@ -123,10 +123,11 @@ def _grad_block(x2: Tensor, p: Tensor, L: Tensor, t_safe: Tensor, valid: Tensor,
     """The (R, C) gradient block of sum_i g_i loss_i from p = softmax(x2) and L (wide dtype), in place in p."""
     C = x2.shape[1]
     w = weight.to(p.dtype) if weight is not None else None
-    W = w.sum() if w is not None else float(C)
     w_t = _target_weight(w, t_safe, valid, L)
     hard = (1.0 - eps) * w_t
-    c1 = hard + (eps / C) * W
+    c1 = hard
+    if eps > 0.0:  # only then: a NaN weight of a class no row targets must not reach every gradient (0 * NaN)
+        c1 = c1 + (eps / C) * (w.sum() if w is not None else float(C))
     if a is None:
         a = x2.amax(dim=1, keepdim=True).to(p.dtype)
     if z_loss != 0.0:

@@ -25,6 +25,35 @@ def test_non_tensor_input(bad):
             call()
 
 
+# Sparse and nested tensors in each tensor argument: a TypeError naming it (not a RuntimeError from deep inside).
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch's beta / prototype warnings for these layouts
+@pytest.mark.parametrize("layout", ["coo", "csr", "nested"])
+def test_non_dense_tensors_are_refused_by_name(layout):
+    def conv(t):
+        if layout == "nested":
+            return torch.nested.nested_tensor(list(t.reshape(-1, t.shape[-1]))) if t.dim() else t
+        return t.to_sparse() if layout == "coo" else (t.to_sparse_csr() if t.dim() == 2 else t.to_sparse())
+
+    W, b, m = torch.randn(6, 5), torch.randn(6), torch.ones(4, 5, dtype=torch.bool)
+    calls = {
+        "input": [lambda: logitkit.softmax(conv(X), 1), lambda: logitkit.log_softmax(conv(X), 1),
+                  lambda: logitkit.logsumexp(conv(X), 1), lambda: logitkit.cross_entropy(conv(X), T),
+                  lambda: logitkit.nll_loss(conv(X), T), lambda: logitkit.entropy(conv(X)),
+                  lambda: logitkit.linear_cross_entropy(conv(X), W, T)],
+        "mask": [lambda: logitkit.softmax(X, 1, mask=conv(m))],
+        "weight": [lambda: logitkit.cross_entropy(X, T, weight=conv(torch.ones(5)))],
+        "linear_weight": [lambda: logitkit.linear_cross_entropy(X, conv(W), T)],
+        "linear_bias": [lambda: logitkit.linear_cross_entropy(X, W, T, linear_bias=conv(b))],
+        "index": [lambda: logitkit.selective_log_softmax(X, conv(T.reshape(4, 1)))],
+    }
+    if layout == "coo":  # 1-D targets have no CSR or nested form
+        calls["target"] = [lambda: logitkit.cross_entropy(X, conv(T)), lambda: logitkit.nll_loss(X, conv(T))]
+    for name, fns in calls.items():
+        for fn in fns:
+            with pytest.raises(TypeError, match=f"^{name} must be a dense"):
+                fn()
+
+
 # Integer and bool inputs, which torch rejects for softmax unless dtype= is a float type.
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
 def test_integer_input_needs_float_dtype(dtype):

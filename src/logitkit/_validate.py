@@ -28,6 +28,9 @@ def _values(t: Tensor) -> Tensor:
 def tensor(name: str, x: object) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided or x.is_nested:
+        kind = "a nested tensor" if x.is_nested else f"layout {x.layout}"
+        raise TypeError(f"{name} must be a dense (strided) tensor, got {kind}; call .to_dense() first")
     return x
 
 
@@ -92,6 +95,7 @@ def mask(m: object, x: Tensor) -> Tensor | None:
         return None
     if not isinstance(m, Tensor):
         raise TypeError(f"mask must be a boolean torch.Tensor or None, got {type(m).__name__}")
+    tensor("mask", m)
     if m.dtype != torch.bool:
         raise TypeError(f"mask must have dtype torch.bool, got {m.dtype}")
     if m.device != x.device:
@@ -161,6 +165,7 @@ def class_weight(weight: object, C: int, x: Tensor) -> Tensor | None:
         return None
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
+    tensor("weight", weight)
     if weight.dim() != 1 or weight.shape[0] != C:
         raise ValueError(
             f"weight must be a 1-D tensor of {C} elements (one per class), got shape {tuple(weight.shape)}"
@@ -259,6 +264,7 @@ def index_tensor(x: Tensor, index: object, d: int) -> Tensor:
     """gather-style index for selective_log_softmax."""
     if not isinstance(index, Tensor):
         raise TypeError(f"index must be a torch.Tensor, got {type(index).__name__}")
+    tensor("index", index)
     if index.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise TypeError(f"index must be an integer tensor, got {index.dtype}")
     if index.dim() != x.dim():

@@ -394,6 +394,44 @@ def _nan_weight_untargeted(ctx):
     return out
 
 
+@case("autocast")
+def _autocast(ctx):
+    """Under CPU autocast bf16 hidden states meet a float32 classifier shard: the classifier runs as autocast's
+    F.linear (bf16), as the single-process op does; and the GPU rule for softmax / logsumexp (dtype=float32
+    on a half input), tried on the CPU: the float32 results of the float32 cast."""
+    from logitkit import _config
+
+    sizes = SPLITS[ctx.world][0]
+    V = sum(sizes)
+    h = torch.randn(5, 4, generator=_gen("ach")).to(torch.bfloat16)
+    W = torch.randn(V, 4, generator=_gen("acW"))
+    t = torch.tensor([0, 1, V - 1, -100, 2])
+    out = {}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        Wl = ctx.split(W, sizes, 0).requires_grad_()
+        z = lkd.linear_cross_entropy(h, Wl, t)
+        (gW,) = torch.autograd.grad(z, Wl)
+        W1 = W.clone().requires_grad_()
+        rz = logitkit.linear_cross_entropy(h, W1, t)
+        (rW,) = torch.autograd.grad(rz, W1)
+    out["lce dtypes"] = float(z.dtype != F32 or gW.dtype != F32)
+    out["lce value"] = err(z, rz)
+    # dW is formed in bf16 (the cast weight's gradient) and summed in another order: within 2 bf16 units
+    out["lce dW"] = gerr(gW, ctx.split(rW, sizes, 0), ctx.split(row_max(rW, 0), sizes, 0)) / 2.0**17
+    x = _logits("acx", 5, V, F32).to(torch.bfloat16)
+    xl = ctx.split(x, sizes)
+    saved = _config._AUTOCAST_FP32_DEVICES
+    _config._AUTOCAST_FP32_DEVICES = ("cpu",)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, lse = lkd.log_softmax(xl, -1), lkd.logsumexp(xl, -1)
+    finally:
+        _config._AUTOCAST_FP32_DEVICES = saved
+    out["log_softmax fp32"] = err(y, lkd.log_softmax(xl.float(), -1))
+    out["logsumexp fp32"] = err(lse, lkd.logsumexp(xl.float(), -1))
+    return out
+
+
 @case("float64_probabilities_widen_the_loss")
 def _prob_f64(ctx):
     """float32 logits (or hidden states) with float64 class probabilities: a float64 loss, as the single-device

@@ -100,3 +100,39 @@ def transforms_active(*tensors) -> bool:
     if _forward_ad._current_level < 0:
         return False
     return any(isinstance(t, torch.Tensor) and _forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+# Device types whose autocast uses torch's common op lists (AT_FORALL_FP32 / AT_FORALL_FP32_SET_OPT_DTYPE):
+# there softmax / log_softmax run with dtype=float32 and logsumexp on float32 inputs. The CPU's own lists
+# leave the three in the input dtype.
+_AUTOCAST_FP32_DEVICES = ("cuda", "xpu", "mps")
+
+
+def autocast_fp32(x: torch.Tensor) -> bool:
+    """Whether torch's autocast would run softmax, log_softmax and logsumexp on ``x`` in float32: autocast is
+    on for its device type (one of the above) and ``x`` is float16 / bfloat16 (float32 stays as it is, float64
+    is never cast)."""
+    return (x.dtype in (torch.float16, torch.bfloat16) and x.device.type in _AUTOCAST_FP32_DEVICES
+            and torch.is_autocast_enabled(x.device.type))
+
+
+def autocast_lower_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast gives ``F.linear`` on ``device_type`` (its lower-precision list, on every device
+    type), or None when autocast is off there."""
+    if device_type not in ("cpu", *_AUTOCAST_FP32_DEVICES) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def autocast_linear(device_type: str, *tensors):
+    """``tensors`` as autocast hands them to ``F.linear`` on ``device_type``: float16/bfloat16/float32 tensors
+    there cast to its lower-precision dtype (differentiably: gradients reach float32 weights in float32), others
+    (float64, non-tensors, None) unchanged; all unchanged when autocast is off."""
+    dt = autocast_lower_dtype(device_type)
+    if dt is None:
+        return tensors
+    return tuple(
+        t.to(dt) if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and t.device.type == device_type else t
+        for t in tensors
+    )

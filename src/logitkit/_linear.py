@@ -39,6 +39,8 @@ def _run(input, linear_weight, target, linear_bias, weight, reduction, ignore_in
     check.tensor("input", input)
     check.tensor("linear_weight", linear_weight)
     check.tensor("target", target)
+    # under autocast, the classifier runs as autocast runs F.linear (torch's unfused graph does exactly that)
+    input, linear_weight, linear_bias = _config.autocast_linear(input.device.type, input, linear_weight, linear_bias)
     x = check.float_input("input", input, None)
     if x.dim() < 1:
         raise ValueError("input must have shape (..., D) with at least one dimension, got a 0-d tensor")

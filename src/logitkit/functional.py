@@ -43,6 +43,8 @@ def _normalize(name: str, input, dim, stacklevel: int, dtype, mask, log: bool) -
     check.tensor("input", input)
     if dim is None:
         dim = check.implicit_softmax_dim(name, input.dim(), stacklevel + 1)
+    if dtype is None and _config.autocast_fp32(input):  # as torch's autocast: dtype=float32 on a GPU
+        dtype = torch.float32
     x = check.float_input("input", input, dtype)
     d = check.dim(dim, x.dim())
     m = check.mask(mask, x)
@@ -110,6 +112,8 @@ def _logsumexp(input: Tensor, dim, keepdim: bool, mask: Tensor | None) -> Tensor
             raise TypeError("logsumexp with mask= needs a real floating-point input, got a complex one")
         return torch.logsumexp(input, dim, keepdim)
     x = input if input.dtype.is_floating_point else input.to(torch.get_default_dtype())
+    if _config.autocast_fp32(x):  # as torch's autocast on a GPU: logsumexp of the float32 cast
+        x = x.float()
     dims = check.dims(dim, x.dim()) if not (isinstance(dim, (tuple, list)) and len(dim) == 0) else tuple(
         range(x.dim())
     )

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .. import _config
 from .. import _validate as check
 from ..autograd.losses import loss_dtype
 from ..reference.losses import mean_denom
@@ -279,6 +280,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     check.tensor("input", h)
     check.tensor("linear_weight", wt)
     check.tensor("target", target)
+    h, wt, linear_bias = _config.autocast_linear(h.device.type, h, wt, linear_bias)  # as F.linear under autocast
     if not h.dtype.is_floating_point or not wt.dtype.is_floating_point:
         raise TypeError("input and linear_weight must be floating-point tensors")
     if wt.dim() != 2:

@@ -97,6 +97,8 @@ def _normalize(name, input, dim, stacklevel, dtype, mask, log, group, vocab_star
     check.tensor("input", x)
     if dim is None:
         dim = check.implicit_softmax_dim(name, x.dim(), stacklevel + 1)
+    if dtype is None and _config.autocast_fp32(x):  # as torch's autocast: dtype=float32 on a GPU
+        dtype = torch.float32
     x = check.float_input("input", x, dtype)
     d = check.dim(dim, max(x.dim(), 1))
     _last(name, d, x.dim())
@@ -127,6 +129,8 @@ def logsumexp(input: Tensor, dim, keepdim: bool = False, *, mask: Tensor | None 
     x, group, _ = unwrap(input, group, lambda n: n - 1)
     check.tensor("input", x)
     x = x if x.dtype.is_floating_point else x.to(torch.get_default_dtype())
+    if _config.autocast_fp32(x):  # as torch's autocast on a GPU: logsumexp of the float32 cast
+        x = x.float()
     dims = check.dims(dim, max(x.dim(), 1))
     if len(dims) != 1:
         raise ValueError("logsumexp: only the sharded class dimension (the last) can be reduced")

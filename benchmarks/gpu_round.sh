@@ -47,7 +47,7 @@ round)
     # is in the log either way
     timeout "$t_check" python3 -m pytest -q -x -m "not slow" -p no:cacheprovider \
         tests/test_triton_softmax.py tests/test_triton_cross_entropy.py tests/test_triton_linear_cross_entropy.py \
-        tests/test_triton_second_pass.py \
+        tests/test_triton_second_pass.py tests/test_autocast.py \
         >"$OUT/round-check.log" 2>&1
     echo "== check rc=$? (124: cut at ${t_check}s) $(tail -1 "$OUT/round-check.log")" | tee -a "$log"
     # each suite stops itself between cases; `timeout` (budget + 60 s) only guards against a case that hangs

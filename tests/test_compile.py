@@ -99,3 +99,46 @@ def test_cuda_graph_capture_forward_and_backward(dtype):
         ref.backward()
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "cross_entropy_smoothed", "nll_loss", "with_stats", "module"])
+def test_dynamic_shapes_compile_once_across_vocabulary_sizes(name):
+    """torch.compile(dynamic=True) keeps the class count symbolic: one graph for every (M, V), as torch's
+    F.cross_entropy (formatting V into the device-side bounds message used to specialise it: a recompile per V)."""
+    import torch.nn.functional as F
+
+    ops = {
+        "cross_entropy": lambda x, t: logitkit.cross_entropy(x, t),
+        "cross_entropy_smoothed": lambda x, t: logitkit.cross_entropy(x, t, label_smoothing=0.1, z_loss=1e-3),
+        "nll_loss": lambda x, t: logitkit.nll_loss(x, t),
+        "with_stats": lambda x, t: sum(a.sum() for a in logitkit.cross_entropy_with_stats(x, t)),
+        "module": lambda x, t: logitkit.nn.CrossEntropyLoss()(x, t),
+    }
+    refs = {
+        "cross_entropy": lambda x, t: F.cross_entropy(x, t),
+        "cross_entropy_smoothed": lambda x, t: F.cross_entropy(x, t, label_smoothing=0.1)
+        + 1e-3 * (torch.logsumexp(x, -1) ** 2).mean(),
+        "nll_loss": lambda x, t: F.nll_loss(x, t),
+        "module": lambda x, t: F.cross_entropy(x, t),
+    }
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    f = torch.compile(ops[name], backend=backend, fullgraph=True, dynamic=True)
+    gen = torch.Generator().manual_seed(0)
+    for M, V in [(4, 7), (5, 9), (6, 11), (13, 3)]:
+        x = torch.randn(M, V, dtype=torch.float64, generator=gen, requires_grad=True)
+        t = torch.randint(0, V, (M,), generator=gen)
+        y = f(x, t)
+        y.backward()
+        if name in refs:
+            x2 = x.detach().requires_grad_()
+            ref = refs[name](x2, t)
+            ref.backward()
+            assert abs(float(y) - float(ref)) <= 1e-12 * max(1.0, abs(float(ref)))
+            assert float((x.grad - x2.grad).abs().max()) <= 1e-12
+    assert len(graphs) == 1, f"{len(graphs)} graphs for 4 shapes (expected 1)"

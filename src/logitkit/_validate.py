@@ -220,7 +220,9 @@ def target_range(target: Tensor, C: int, ignore_index: int) -> None:
             )
     else:
         bad = ((target < 0) | (target >= C)) & (target != ignore_index)
-        torch._assert_async(~bad.any(), f"target out of bounds: expected class indices in [0, {C}) or ignore_index")
+        # C stays out of the message: under torch.compile with dynamic shapes, formatting it would specialise
+        # the graph to this C (a recompile for every vocabulary size).
+        torch._assert_async(~bad.any(), "target out of bounds: expected class indices in [0, C) or ignore_index")
 
 
 def ignore_index(v: object, allow_none: bool = False) -> int | None:

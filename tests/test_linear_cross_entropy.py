@@ -882,3 +882,47 @@ def test_mean_over_zero_total_weight_is_nan(strategy, label_smoothing):
     assert math.isnan(loss.item())
     gh, gW = torch.autograd.grad(loss, (h, W))
     assert torch.equal(gh, torch.zeros_like(gh)) and torch.equal(gW, torch.zeros_like(gW))
+
+
+@pytest.mark.parametrize("strategy", ["token_chunks", "vocab_blocks"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_dynamic_shapes_compile_once_across_token_counts(monkeypatch, strategy, reduction):
+    """torch.compile(dynamic=True): one graph for every token count M (as torch's F.linear_cross_entropy), with
+    several token chunks / vocab blocks / row slices per call (budgets shrunk), values and gradients as the
+    unfused float64 graph. The loops guard on their chunk counts only; they used to guard on M itself (a recompile
+    per M)."""
+    import logitkit.autograd.linear_cross_entropy as lce_mod
+
+    monkeypatch.setattr(lce_mod, "CHUNK_ELEMS", 40)  # 5 tokens of V = 8 per chunk; vocab blocks of 40 // M classes
+    monkeypatch.setattr(lce_mod, "ROW_BLOCK_ELEMS", 24)  # row slices of a few rows
+    # M = 7, 8: two token chunks (the last of 2 or 3 tokens; a size-1 chunk would be specialised, as torch does
+    # for every size 0 or 1), two vocab blocks (5 + 3 classes), two and one row slices: the sizes differ, the
+    # counts do not (a different count is one more graph)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def fn(h, W, t, b):
+        return lk.linear_cross_entropy(h, W, t, linear_bias=b, reduction=reduction, label_smoothing=0.05,
+                                       strategy=strategy)
+
+    torch._dynamo.reset()
+    f = torch.compile(fn, backend=backend, fullgraph=True, dynamic=True)
+    gen = torch.Generator().manual_seed(0)
+    for M in (7, 8):
+        h = torch.randn(M, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+        W = torch.randn(8, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+        b = torch.randn(8, dtype=torch.float64, generator=gen, requires_grad=True)
+        t = torch.randint(0, 8, (M,), generator=gen)
+        t[1] = -100
+        y = f(h, W, t, b)
+        (y.sum() if reduction == "none" else y).backward()
+        h2, W2, b2 = (z.detach().requires_grad_() for z in (h, W, b))
+        ref = F.cross_entropy(h2 @ W2.t() + b2, t, reduction=reduction, label_smoothing=0.05)
+        (ref.sum() if reduction == "none" else ref).backward()
+        assert float((y - ref).abs().max()) <= 1e-12
+        for ours, theirs in ((h, h2), (W, W2), (b, b2)):
+            assert float((ours.grad - theirs.grad).abs().max()) <= 1e-12
+    assert len(graphs) == 1, f"{len(graphs)} graphs for 2 token counts (expected 1)"

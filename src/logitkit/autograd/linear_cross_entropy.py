@@ -169,8 +169,11 @@ def _accumulate(x: Tensor, W: Tensor, b: Tensor | None, target: Tensor, g_rows: 
     dW = torch.zeros(V, D, dtype=wd, device=x.device) if need[1] else None  # fp32 accumulator
     db = torch.zeros(V, dtype=wd, device=x.device) if need[2] else None
     any_grad = any(need)
-    for s in range(0, M, o.chunk):
-        e = min(M, s + o.chunk)
+    # The chunk count, not range(0, M, chunk): under torch.compile(dynamic=True) a symbolic M then guards only
+    # on ceil(M / chunk), not on M itself.
+    for i in range((M + o.chunk - 1) // o.chunk):
+        s = i * o.chunk
+        e = torch.sym_min(M, s + o.chunk)  # (not a clamped slice: that would guard on full / partial)
         xc, tc = x[s:e], target[s:e]
         logits = _logits(xc, W, b)
         if o.use_triton:
@@ -182,7 +185,7 @@ def _accumulate(x: Tensor, W: Tensor, b: Tensor | None, target: Tensor, g_rows: 
         elif any_grad and not o.prob:
             # class indices: loss rows and the logits' gradient in one pass over the chunk (ref.ce_fused),
             # rounded once to the input dtype for the matmuls, as the unfused graph does
-            g_c = torch.ones(e - s, dtype=wd, device=x.device) if g_rows is None else g_rows[s:e]
+            g_c = torch.ones(xc.shape[0], dtype=wd, device=x.device) if g_rows is None else g_rows[s:e]
             loss[s:e], lse[s:e], dl = ref.ce_fused(logits, tc, o.weight, o.ignore_index, o.eps, o.z_loss,
                                                    o.softcap, g_c, x.dtype)
             wt[s:e] = ref.target_weights(tc, o.weight, o.ignore_index, wd)
@@ -195,7 +198,7 @@ def _accumulate(x: Tensor, W: Tensor, b: Tensor | None, target: Tensor, g_rows: 
                 ent[s:e] = ref.entropy_rows(ref.capped(logits, o.softcap))
             dl = None
             if any_grad:
-                g_c = torch.ones(e - s, dtype=wd, device=x.device) if g_rows is None else g_rows[s:e]
+                g_c = torch.ones(xc.shape[0], dtype=wd, device=x.device) if g_rows is None else g_rows[s:e]
                 # rounded once to the input dtype for the matmuls, as the unfused graph does
                 dl = _chunk_grad(logits, tc, g_c, o).to(x.dtype)
         del logits
@@ -220,8 +223,11 @@ def _vocab_blocks(x: Tensor, W: Tensor, b: Tensor | None, vblock: int):
     call into the same buffer, so pass 2 sees bitwise the logits whose statistics pass 1 kept."""
     M, V = x.shape[0], W.shape[0]
     buf = torch.empty(M * min(vblock, V), dtype=x.dtype, device=x.device)
-    for v0 in range(0, V, vblock):
-        v1 = min(V, v0 + vblock)
+    # Block counts, not range(0, V, vblock) / min(): under torch.compile(dynamic=True) symbolic sizes then guard
+    # only on the counts, not on M and V themselves (see _accumulate).
+    for k in range((V + vblock - 1) // vblock):
+        v0 = k * vblock
+        v1 = torch.sym_min(V, v0 + vblock)
         out = buf[: M * (v1 - v0)].view(M, v1 - v0)
         if b is None:
             torch.mm(x, W[v0:v1].t(), out=out)
@@ -233,8 +239,8 @@ def _vocab_blocks(x: Tensor, W: Tensor, b: Tensor | None, vblock: int):
 def _row_slices(M: int, n: int, device: torch.device):
     """Row ranges of an (M, n) block: about ROW_BLOCK_ELEMS (CPU) or ROW_BLOCK_ELEMS_GPU elements each."""
     step = max(1, (ROW_BLOCK_ELEMS if device.type == "cpu" else ROW_BLOCK_ELEMS_GPU) // max(n, 1))
-    for s in range(0, M, step):
-        yield slice(s, min(M, s + step))
+    for k in range((M + step - 1) // step):
+        yield slice(k * step, torch.sym_min(M, (k + 1) * step))
 
 
 def _block_state(xw: Tensor) -> tuple[Tensor, Tensor]:
